@@ -1,0 +1,428 @@
+"""Raw bars -> features -> processors -> sharded Parquet data set, in bounded memory.
+
+The pipeline never holds the whole market: it streams instrument chunks (a few hundred stocks
+with their full history) through the feature code into a temporary instrument-major table, fits
+the normalisation on the training span column by column, then cuts date-major shards from that
+table with Parquet row-group filters. Everything is written under a temporary directory that is
+renamed into place at the very end, so a crash or a bad input never leaves a half-written data set
+that looks complete, and an existing data set is only replaced by a complete new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from fvae_dist import __version__
+from fvae_dist.data.features import FEATURE_SETS, LABEL_NAME, features_frame
+from fvae_dist.data.processors import apply_robust_zscore, cs_rank_norm, fit_robust_zscore
+from fvae_dist.data.shards import FORMAT_VERSION, MANIFEST_NAME
+from fvae_dist.data.splits import Splits, resolve_splits
+from fvae_dist.errors import ConfigError, DataError
+
+# Every Alpha158 feature here looks back at most 61 rows (CORD60: a 60-day window of 1-day
+# changes); reading this many extra days before the first window makes the features identical to
+# a computation over the full history.
+FEATURE_LOOKBACK_DAYS = 64
+LABEL_HORIZON_DAYS = 2  # y_t = close[t+2] / close[t+1] - 1
+DEFAULT_SHARD_ROWS = 200_000  # ~20 MB uncompressed with 20 features: tens of MB, good for streaming
+RAW_ROW_GROUP = 65_536
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    path: Path
+    reused: bool
+    manifest: dict
+
+
+def iter_feature_frames(source, feature_set: str, start, end, chunk_size: int = 256, progress: bool = True):
+    """Yield raw feature frames (date, instrument, features..., LABEL0) chunk by chunk.
+
+    Bars are read from FEATURE_LOOKBACK_DAYS before `start` (so rolling windows are complete)
+    to LABEL_HORIZON_DAYS after `end` (so the label of `end` is known when the data has it);
+    the frames are cut back to [start, end].
+    """
+    calendar = np.asarray(source.calendar, dtype="datetime64[D]")
+    i_start = int(np.searchsorted(calendar, np.datetime64(start, "D")))
+    i_end = int(np.searchsorted(calendar, np.datetime64(end, "D"), side="right")) - 1
+    read_from = calendar[max(0, i_start - FEATURE_LOOKBACK_DAYS)]
+    read_to = calendar[min(len(calendar) - 1, i_end + LABEL_HORIZON_DAYS)]
+    window_calendar = calendar[(calendar >= read_from) & (calendar <= read_to)]
+    n_chunks = -(-len(source.instruments) // chunk_size)
+    chunks = source.iter_chunks(instruments_per_chunk=chunk_size, start=read_from, end=read_to)
+    for bars in tqdm(chunks, total=n_chunks, desc="features", unit="chunk", disable=not progress):
+        if bars.empty:
+            continue
+        frame = features_frame(bars, feature_set=feature_set, calendar=window_calendar)
+        dates = frame["date"].to_numpy(dtype="datetime64[D]")
+        keep = (dates >= calendar[i_start]) & (dates <= calendar[i_end])
+        yield frame.loc[keep].reset_index(drop=True), bars
+
+
+def write_feature_table(source, out_path, start, end, feature_set: str = "alpha158_20", progress: bool = True) -> int:
+    """`fvae-dist features`: the raw, unprocessed features and label, atomically written."""
+    out_path = Path(out_path)
+    start, end = _clip_range(source.calendar, start, end, "--start/--end")
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    writer, n_rows = None, 0
+    try:
+        for frame, _ in iter_feature_frames(source, feature_set, start, end, progress=progress):
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table)
+            n_rows += len(frame)
+        if writer is None:
+            raise DataError(f"{source.name}: no bars between {start} and {end}")
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return n_rows
+
+
+def prepare_dataset(
+    source,
+    out_dir,
+    *,
+    splits: Splits | None = None,
+    seq_len: int = 20,
+    feature_set: str = "alpha158_20",
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    chunk_size: int = 256,
+    progress: bool = True,
+) -> PrepareResult:
+    if feature_set not in FEATURE_SETS:
+        raise ConfigError(f"feature set {feature_set!r} unknown; expected one of {sorted(FEATURE_SETS)}")
+    if seq_len < 1:
+        raise ConfigError(f"--seq-len must be >= 1, got {seq_len}")
+    if shard_rows < 1_000:
+        raise ConfigError(f"--shard-rows must be >= 1000, got {shard_rows}")
+    out_dir = Path(out_dir)
+    splits = resolve_splits(source.calendar, splits, warmup_days=seq_len)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "source": source.fingerprint(),
+        "splits": splits.to_json(),
+        "seq_len": seq_len,
+        "feature_set": feature_set,
+        "shard_rows": shard_rows,
+        "version": __version__,
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    existing = _existing_manifest(out_dir)
+    if existing is not None and existing.get("fingerprint") == fingerprint:
+        return PrepareResult(out_dir, reused=True, manifest=existing)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    (tmp / "raw").mkdir(parents=True)
+    (tmp / "shards").mkdir()
+    try:
+        manifest = _build(source, tmp, splits, seq_len, feature_set, shard_rows, chunk_size, progress)
+        manifest.update(fingerprint=fingerprint, settings=settings)
+        with open(tmp / MANIFEST_NAME, "w") as handle:
+            json.dump(manifest, handle, indent=1)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PrepareResult(out_dir, reused=False, manifest=manifest)
+
+
+def _build(source, tmp: Path, splits: Splits, seq_len, feature_set, shard_rows, chunk_size, progress) -> dict:
+    features = list(FEATURE_SETS[feature_set])
+    calendar = np.asarray(source.calendar, dtype="datetime64[D]")
+    first_window_day = calendar[max(0, int(np.searchsorted(calendar, splits.train[0])) - (seq_len - 1))]
+    membership = source.membership
+    oracle_parts = []
+
+    raw_rows = 0
+    for k, (frame, bars) in enumerate(
+        iter_feature_frames(source, feature_set, first_window_day, splits.test[1], chunk_size, progress)
+    ):
+        frame["in_universe"] = _universe_mask(frame, bars, splits, membership)
+        frame[LABEL_NAME] = _purge_labels_across_splits(frame, splits, calendar)
+        frame = frame.sort_values(["date", "instrument"], kind="stable")
+        pq.write_table(
+            pa.Table.from_pandas(frame, preserve_index=False),
+            tmp / "raw" / f"part-{k:05d}.parquet",
+            row_group_size=RAW_ROW_GROUP,
+            compression="zstd",
+        )
+        raw_rows += len(frame)
+        oracle = _oracle_frame(source, bars, splits)
+        if oracle is not None:
+            oracle_parts.append(oracle)
+    if raw_rows == 0:
+        raise DataError(f"{source.name}: no bars between {first_window_day} and {splits.test[1]}")
+    raw = ds.dataset(tmp / "raw", format="parquet")
+    raw_bytes = _dir_bytes(tmp / "raw")
+
+    stats = _fit_normalisation(raw, features, splits)
+    shards, universe = _write_shards(raw, tmp, features, splits, seq_len, shard_rows, stats, calendar, progress)
+    shard_bytes = sum(entry["bytes"] for entry in shards)
+    rows_stored = sum(entry["n_rows"] for entry in shards)
+    rows_distinct = _distinct_rows(raw, shards)
+    if oracle_parts:
+        oracle = pd.concat(oracle_parts, ignore_index=True).sort_values(["date", "instrument"])
+        pq.write_table(pa.Table.from_pandas(oracle, preserve_index=False), tmp / "oracle.parquet")
+    shutil.rmtree(tmp / "raw")
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "features": features,
+        "feature_set": feature_set,
+        "label": LABEL_NAME,
+        "target": "label_norm",
+        "seq_len": seq_len,
+        "splits": {
+            name: {"start": str(start), "end": str(end), **universe[name]}
+            for name, (start, end) in splits.items()
+        },
+        "processors": [
+            "RobustZScoreNorm(fit=train, clip=3)",
+            "Fillna(0)",
+            "DropnaLabel(train)",
+            "CSRankNorm(label -> label_norm)",
+        ],
+        "normalization": {**stats.to_json(), "fit_start": str(splits.train[0]), "fit_end": str(splits.train[1])},
+        "label_purge": f"labels whose {LABEL_HORIZON_DAYS}-day horizon crosses a split end are dropped (train, valid)",
+        "source": {"name": source.name, "fingerprint": source.fingerprint()},
+        "oracle": "oracle.parquet" if oracle_parts else None,
+        "shards": shards,
+        "disk": {
+            "shard_bytes": shard_bytes,
+            "day_level_feature_table_bytes": raw_bytes,
+            "bytes_ratio": round(shard_bytes / max(raw_bytes, 1), 4),
+            "rows_stored": rows_stored,
+            "rows_distinct": rows_distinct,
+            "rows_ratio": round(rows_stored / max(rows_distinct, 1), 4),
+        },
+    }
+
+
+def _universe_mask(frame: pd.DataFrame, bars: pd.DataFrame, splits: Splits, membership) -> np.ndarray:
+    """Samples of a day: stocks with a real close that day, and members that day if membership is known."""
+    dates = frame["date"].to_numpy(dtype="datetime64[D]")
+    closes = bars[["date", "instrument", "close"]].copy()
+    closes["date"] = closes["date"].to_numpy(dtype="datetime64[D]")
+    has_close = (
+        frame[["date", "instrument"]]
+        .assign(date=dates)
+        .merge(closes, on=["date", "instrument"], how="left")["close"]
+        .notna()
+        .to_numpy()
+    )
+    in_span = (dates >= splits.train[0]) & (dates <= splits.test[1])
+    mask = has_close & in_span
+    if membership is not None:
+        mask &= _is_member(frame["instrument"].to_numpy(dtype=str), dates, membership)
+    return mask
+
+
+def _is_member(instruments: np.ndarray, dates: np.ndarray, membership: pd.DataFrame) -> np.ndarray:
+    member = np.zeros(len(instruments), dtype=bool)
+    for code, spans in membership.groupby("instrument"):
+        rows = instruments == code
+        if not rows.any():
+            continue
+        for start, end in zip(spans["start_date"].to_numpy("datetime64[D]"), spans["end_date"].to_numpy("datetime64[D]")):
+            member[rows] |= (dates[rows] >= start) & (dates[rows] <= end)
+    return member
+
+
+def _purge_labels_across_splits(frame: pd.DataFrame, splits: Splits, calendar: np.ndarray) -> np.ndarray:
+    """A train (valid) label whose horizon reaches into the next split would leak its prices: drop it."""
+    label = frame[LABEL_NAME].to_numpy(dtype=np.float32).copy()
+    dates = frame["date"].to_numpy(dtype="datetime64[D]")
+    positions = np.searchsorted(calendar, dates)
+    horizon_day = calendar[np.minimum(positions + LABEL_HORIZON_DAYS, len(calendar) - 1)]
+    for name in ("train", "valid"):
+        start, end = splits[name]
+        label[(dates >= start) & (dates <= end) & (horizon_day > end)] = np.nan
+    return label
+
+
+def _oracle_frame(source, bars: pd.DataFrame, splits: Splits) -> pd.DataFrame | None:
+    """The generator's true expected returns (synthetic sources only), for an oracle Rank IC."""
+    if not hasattr(source, "true_expected_returns"):
+        return None
+    oracle = source.true_expected_returns(bars)
+    dates = oracle["date"].to_numpy(dtype="datetime64[D]")
+    keep = (dates >= splits.valid[0]) & (dates <= splits.test[1])
+    return oracle.loc[keep].reset_index(drop=True)
+
+
+def _fit_normalisation(raw: ds.Dataset, features: list[str], splits: Splits):
+    """RobustZScoreNorm statistics from the training span's universe rows only (no look-ahead)."""
+    train_rows = (
+        (ds.field("date") >= pa.scalar(splits.train[0].astype("datetime64[ms]")))
+        & (ds.field("date") <= pa.scalar(splits.train[1].astype("datetime64[ms]")))
+        & ds.field("in_universe")
+    )
+    columns = {}
+    for name in features:  # one column at a time keeps memory at one float column of the train span
+        columns[name] = raw.to_table(columns=[name], filter=train_rows).column(name).to_numpy(zero_copy_only=False)
+        columns[name] = columns[name].astype(np.float32)
+    if not columns or len(next(iter(columns.values()))) == 0:
+        raise DataError(f"--train {splits.train[0]}..{splits.train[1]}: no universe stock-days to fit the normalisation on")
+    return fit_robust_zscore(columns)
+
+
+def _write_shards(raw, tmp, features, splits, seq_len, shard_rows, stats, calendar, progress):
+    counts = _universe_rows_per_day(raw)
+    plans = []
+    universe = {}
+    for name, (start, end) in splits.items():
+        days = counts[(counts.index >= start) & (counts.index <= end)]
+        if days.empty or days.sum() == 0:
+            raise DataError(f"--{name} {start}..{end}: no universe stock-days in this range")
+        universe[name] = {
+            "n_days": int((days > 0).sum()),
+            "n_stock_days": int(days.sum()),
+            "universe_size": {"mean": round(float(days[days > 0].mean()), 1), "min": int(days[days > 0].min()), "max": int(days.max())},
+        }
+        for own in _group_days(days, shard_rows):
+            plans.append((name, own[0], own[-1]))
+
+    entries = []
+    per_split_index: dict[str, int] = {}
+    for name, own_start, own_end in tqdm(plans, desc="shards", unit="shard", disable=not progress):
+        k = per_split_index.get(name, 0)
+        per_split_index[name] = k + 1
+        halo_start = calendar[max(0, int(np.searchsorted(calendar, own_start)) - (seq_len - 1))]
+        frame = _read_range(raw, halo_start, own_end)
+        frame = _shard_frame(frame, features, stats, own_start, own_end)
+        path = Path("shards") / f"{name}-{k:05d}.parquet"
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp / path, compression="zstd")
+        instruments_n = frame.loc[frame["in_universe"], "instrument"].nunique()
+        entries.append(
+            {
+                "path": str(path),
+                "split": name,
+                "own_start": str(own_start),
+                "own_end": str(own_end),
+                "halo_start": str(halo_start),
+                "n_days": int(frame.loc[frame["in_universe"], "date"].nunique()),
+                "n_rows": len(frame),
+                "n_instruments": int(instruments_n),
+                "bytes": (tmp / path).stat().st_size,
+            }
+        )
+    for name in universe:
+        ids = set()
+        for entry in entries:
+            if entry["split"] == name:
+                table = pq.read_table(tmp / entry["path"], columns=["instrument", "in_universe"])
+                ids.update(pc.filter(table["instrument"], table["in_universe"]).to_pylist())
+        universe[name]["n_instruments"] = len(ids)
+    return entries, universe
+
+
+def _shard_frame(frame: pd.DataFrame, features, stats, own_start, own_end) -> pd.DataFrame:
+    dates = frame["date"].to_numpy(dtype="datetime64[D]")
+    own = (dates >= own_start) & (dates <= own_end)
+    # halo rows are history for windows, never samples of this shard
+    frame["in_universe"] = frame["in_universe"].to_numpy() & own
+    # keep only stocks that are samples on some own day: their halo rows are the windows' history
+    members = frame.loc[frame["in_universe"], "instrument"].unique()
+    frame = frame[frame["instrument"].isin(members)].copy()
+    frame = apply_robust_zscore(frame, stats)
+    label = frame[LABEL_NAME].to_numpy(dtype=np.float32)
+    universe_label = np.where(frame["in_universe"].to_numpy(), label, np.nan)
+    frame["label_norm"] = cs_rank_norm(universe_label, frame["date"].to_numpy())
+    frame = frame.rename(columns={LABEL_NAME: "label"})
+    frame = frame.sort_values(["date", "instrument"], kind="stable").reset_index(drop=True)
+    return frame[["date", "instrument", *features, "label", "label_norm", "in_universe"]]
+
+
+def _read_range(raw: ds.Dataset, start, end) -> pd.DataFrame:
+    rows = (ds.field("date") >= pa.scalar(np.datetime64(start, "ms"))) & (
+        ds.field("date") <= pa.scalar(np.datetime64(end, "ms"))
+    )
+    return raw.to_table(filter=rows).to_pandas()
+
+
+def _universe_rows_per_day(raw: ds.Dataset) -> pd.Series:
+    table = raw.to_table(columns=["date", "in_universe"], filter=ds.field("in_universe"))
+    dates = table.column("date").to_numpy().astype("datetime64[D]")
+    unique, counts = np.unique(dates, return_counts=True)
+    return pd.Series(counts, index=unique)
+
+
+def _group_days(days: pd.Series, shard_rows: int) -> Iterator[list]:
+    group, rows = [], 0
+    for day, n in days.items():
+        group.append(np.datetime64(day, "D"))
+        rows += int(n)
+        if rows >= shard_rows:
+            yield group
+            group, rows = [], 0
+    if group:
+        yield group
+
+
+def _distinct_rows(raw: ds.Dataset, shards: list[dict]) -> int:
+    first = min(np.datetime64(entry["halo_start"]) for entry in shards)
+    last = max(np.datetime64(entry["own_end"]) for entry in shards)
+    return len(_read_range(raw, first, last)[["date", "instrument"]]) if shards else 0
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _existing_manifest(out_dir: Path) -> dict | None:
+    path = out_dir / MANIFEST_NAME
+    if not out_dir.exists():
+        return None
+    if not path.is_file():
+        if any(out_dir.iterdir()):
+            raise DataError(f"{out_dir}: exists, is not empty and holds no {MANIFEST_NAME}; refusing to overwrite it")
+        return None
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished data set into place; an older one is replaced only once the new one is whole."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out_dir)
+
+
+def _clip_range(calendar, start, end, setting: str):
+    calendar = np.asarray(calendar, dtype="datetime64[D]")
+    start = calendar[0] if start is None else np.datetime64(start, "D")
+    end = calendar[-1] if end is None else np.datetime64(end, "D")
+    inside = calendar[(calendar >= start) & (calendar <= end)]
+    if inside.size == 0:
+        raise DataError(
+            f"{setting} {start}..{end}: no trading days; the data covers {calendar[0]}..{calendar[-1]}"
+        )
+    return inside[0], inside[-1]

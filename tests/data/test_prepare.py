@@ -1,0 +1,189 @@
+"""prepare: shards, manifest, windows, no look-ahead, atomic writes, no-op reruns."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from fvae_dist.data import prepare as prepare_module
+from fvae_dist.data.features import ALPHA158_20, features_frame
+from fvae_dist.data.prepare import prepare_dataset
+from fvae_dist.data.shards import collate_days, iter_shard_days, load_manifest, shard_entries
+from fvae_dist.errors import ConfigError, DataError
+from tests.data.frame_source import FrameSource, random_walk_bars
+
+SEQ = 5
+
+
+def _splits(calendar):
+    return {
+        "train": (calendar[10], calendar[99]),
+        "valid": (calendar[100], calendar[129]),
+        "test": (calendar[130], calendar[-1]),
+    }
+
+
+@pytest.fixture()
+def bars():
+    return random_walk_bars(n_stocks=30, n_days=160, seed=1)
+
+
+def _prepare(source, out, **kw):
+    kw.setdefault("splits", _splits(source.calendar))
+    kw.setdefault("seq_len", SEQ)
+    kw.setdefault("shard_rows", 1_000)
+    return prepare_dataset(source, out, progress=False, **kw)
+
+
+def test_manifest_describes_the_data_set(tmp_path, bars):
+    source = FrameSource(bars)
+    result = _prepare(source, tmp_path / "ds")
+    manifest = load_manifest(tmp_path / "ds")
+    assert not result.reused
+    assert manifest["features"] == list(ALPHA158_20)
+    assert manifest["seq_len"] == SEQ
+    assert set(manifest["splits"]) == {"train", "valid", "test"}
+    assert manifest["normalization"]["fit_end"] == str(source.calendar[99])
+    assert all((tmp_path / "ds" / e["path"]).is_file() for e in manifest["shards"])
+    assert len(shard_entries(manifest, "train")) > 1  # small shard_rows -> several shards
+    # windows are cut when read: on disk only the halo is duplicated
+    assert manifest["disk"]["rows_ratio"] < 1.5
+    assert manifest["disk"]["bytes_ratio"] < 1.5
+    train = manifest["splits"]["train"]
+    assert train["n_days"] == 90 and train["universe_size"]["max"] <= 30
+
+
+def test_windows_equal_the_normalised_raw_features(tmp_path, bars):
+    source = FrameSource(bars)
+    _prepare(source, tmp_path / "ds")
+    manifest = load_manifest(tmp_path / "ds")
+    raw = features_frame(bars, calendar=source.calendar).set_index(["date", "instrument"]).sort_index()
+    stats = manifest["normalization"]
+    entry = shard_entries(manifest, "valid")[0]
+    sample = next(iter_shard_days(tmp_path / "ds", entry, drop_nan_label=False))
+    day_pos = int(np.searchsorted(source.calendar, sample.date))
+    window_days = source.calendar[day_pos - SEQ + 1 : day_pos + 1]
+    for n, code in enumerate(sample.instruments[:5]):
+        for t, day in enumerate(window_days):
+            key = (pd.Timestamp(day), code)
+            for c, name in enumerate(manifest["features"]):
+                value = raw.loc[key, name] if key in raw.index else np.nan
+                expected = 0.0
+                if np.isfinite(value):
+                    expected = np.clip((value - stats["median"][name]) / stats["scale"][name], -3, 3)
+                assert sample.x[n, t, c] == pytest.approx(expected, abs=1e-5), (code, str(day), name)
+        assert sample.label[n] == pytest.approx(raw.loc[(pd.Timestamp(sample.date), code), "LABEL0"], nan_ok=True)
+
+
+def test_days_samples_and_targets(tmp_path, bars):
+    source = FrameSource(bars)
+    _prepare(source, tmp_path / "ds")
+    manifest = load_manifest(tmp_path / "ds")
+    days = [s for e in shard_entries(manifest, "train") for s in iter_shard_days(tmp_path / "ds", e, drop_nan_label=True)]
+    dates = [s.date for s in days]
+    assert len(dates) == len(set(dates))  # shards own disjoint days
+    assert dates[0] == source.calendar[10]
+    # label purge: the last two train days' labels reach into valid, so they are no samples
+    assert source.calendar[99] not in dates and source.calendar[98] not in dates
+    assert source.calendar[97] in dates
+    for s in days:
+        assert np.isfinite(s.y).all() and s.x.shape == (len(s.instruments), SEQ, 20)
+        assert abs(float(np.mean(s.y))) < 0.2  # CSRankNorm: centred per day
+    batch = collate_days(days[:3])
+    assert batch["x"].shape[0] == 3 and batch["mask"].sum() == sum(len(s.instruments) for s in days[:3])
+
+
+def test_normalisation_sees_only_the_training_span(tmp_path, bars):
+    calendar = FrameSource(bars).calendar
+    changed = bars.copy()
+    later = changed["date"] > pd.Timestamp(calendar[99])
+    for col in ("open", "high", "low", "close"):
+        changed.loc[later, col] *= 3.0
+    changed.loc[later, "volume"] *= 10.0
+    a = _prepare(FrameSource(bars), tmp_path / "a").manifest["normalization"]
+    b = _prepare(FrameSource(changed), tmp_path / "b").manifest["normalization"]
+    for name in ALPHA158_20:
+        assert a["median"][name] == pytest.approx(b["median"][name])
+        assert a["scale"][name] == pytest.approx(b["scale"][name])
+
+
+def test_universe_follows_membership(tmp_path, bars):
+    codes = sorted(bars["instrument"].unique())
+    calendar = FrameSource(bars).calendar
+    membership = pd.DataFrame(
+        {
+            "instrument": codes[:10],
+            "start_date": calendar[0],
+            "end_date": [calendar[120]] * 5 + [calendar[-1]] * 5,
+        }
+    )
+    _prepare(FrameSource(bars, membership=membership), tmp_path / "ds")
+    manifest = load_manifest(tmp_path / "ds")
+    for entry in shard_entries(manifest, "test"):
+        for sample in iter_shard_days(tmp_path / "ds", entry, drop_nan_label=False):
+            assert set(sample.instruments) <= set(codes[5:10])
+
+
+def test_rerun_is_a_fast_noop_and_changed_settings_rebuild(tmp_path, bars):
+    source = FrameSource(bars)
+    _prepare(source, tmp_path / "ds")
+    stamp = (tmp_path / "ds" / "manifest.json").stat().st_mtime_ns
+    again = _prepare(source, tmp_path / "ds")
+    assert again.reused and (tmp_path / "ds" / "manifest.json").stat().st_mtime_ns == stamp
+    rebuilt = _prepare(source, tmp_path / "ds", seq_len=SEQ + 1)
+    assert not rebuilt.reused and load_manifest(tmp_path / "ds")["seq_len"] == SEQ + 1
+
+
+def test_a_crash_leaves_the_previous_data_set_whole(tmp_path, bars, monkeypatch):
+    source = FrameSource(bars)
+    _prepare(source, tmp_path / "ds")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ds" / "shards").iterdir()}
+    manifest_before = (tmp_path / "ds" / "manifest.json").read_text()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(prepare_module, "_write_shards", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _prepare(source, tmp_path / "ds", seq_len=SEQ + 2)
+    assert (tmp_path / "ds" / "manifest.json").read_text() == manifest_before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ds" / "shards").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary leftovers
+
+
+def test_a_crash_on_first_write_leaves_nothing_that_looks_complete(tmp_path, bars, monkeypatch):
+    monkeypatch.setattr(prepare_module, "_fit_normalisation", lambda *a: (_ for _ in ()).throw(KeyError("boom")))
+    with pytest.raises(KeyError):
+        _prepare(FrameSource(bars), tmp_path / "ds")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_settings_name_the_setting(tmp_path, bars):
+    source = FrameSource(bars)
+    with pytest.raises(DataError, match="--valid"):
+        _prepare(source, tmp_path / "ds", splits={**_splits(source.calendar), "valid": ("1990-01-01", "1990-02-01")})
+    with pytest.raises(ConfigError, match="--train"):
+        calendar = source.calendar
+        _prepare(source, tmp_path / "ds", splits={**_splits(calendar), "train": (calendar[10], calendar[110])})
+    with pytest.raises(ConfigError, match="seq-len"):
+        _prepare(source, tmp_path / "ds", seq_len=0)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        _prepare(source, tmp_path / "other")
+
+
+def test_shards_are_sorted_and_typed(tmp_path, bars):
+    _prepare(FrameSource(bars), tmp_path / "ds")
+    manifest = load_manifest(tmp_path / "ds")
+    for entry in manifest["shards"]:
+        frame = pq.read_table(tmp_path / "ds" / entry["path"]).to_pandas()
+        keys = list(zip(frame["date"], frame["instrument"]))
+        assert keys == sorted(keys)
+        assert (frame[manifest["features"]].dtypes == np.float32).all()
+        assert frame[manifest["features"]].notna().all().all()
+        assert frame[manifest["features"]].abs().max().max() <= 3.0
+    assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["fingerprint"]
