@@ -11,7 +11,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         help="a Qlib binary data directory, a long table (.parquet/.csv: date, instrument, open, high, low, "
         "close, volume[, factor]), or 'synthetic[:stocks=300,days=1000,seed=0]'",
     )
-    parser.add_argument("--market", default="all", help="Qlib directory only: instruments/<market>.txt (default all)")
+    parser.add_argument("--market", default="all", help="universe name: a Qlib directory reads instruments/<market>.txt; a long table looks for <market>_membership.csv beside it (default all)")
     parser.add_argument(
         "--membership",
         default=None,
