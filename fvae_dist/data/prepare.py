@@ -35,7 +35,9 @@ from fvae_dist.errors import ConfigError, DataError
 
 # Every Alpha158 feature here looks back at most 61 rows (CORD60: a 60-day window of 1-day
 # changes); reading this many extra days before the first window makes the features identical to
-# a computation over the full history.
+# a computation over the full history. (One exception, harmless after clipping: in an all-zero
+# volume window Qlib's VSTD/WVMA are pandas' rounding leftovers divided by 1e-12, which depend
+# on where the series starts.)
 FEATURE_LOOKBACK_DAYS = 64
 LABEL_HORIZON_DAYS = 2  # y_t = close[t+2] / close[t+1] - 1
 DEFAULT_SHARD_ROWS = 200_000  # ~20 MB uncompressed with 20 features: tens of MB, good for streaming
