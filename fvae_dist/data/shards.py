@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
+from fvae_dist.data.processors import cs_rank_norm
 from fvae_dist.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -100,6 +101,11 @@ def iter_shard_days(
 
     in_universe = frame["in_universe"].to_numpy(dtype=bool)
     y_all = frame["label_norm"].to_numpy(dtype=np.float32)
+    if exclude_instruments:
+        # the stored CSRankNorm ranked the held-out stocks too; rank again without them so their
+        # labels leave no trace in the training target
+        label_in_universe = np.where(in_universe, frame["label"].to_numpy(dtype=np.float32), np.nan)
+        y_all = cs_rank_norm(label_in_universe, date_idx)
     label_all = frame["label"].to_numpy(dtype=np.float32)
     own_start = np.datetime64(entry["own_start"], "D")
     own_end = np.datetime64(entry["own_end"], "D")

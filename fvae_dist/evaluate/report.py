@@ -91,8 +91,13 @@ def _model_and_seed(config: dict, path: Path) -> tuple[str, int | None]:
     model = config.get("model")
     name = model.get("name") if isinstance(model, dict) else None
     name = name or config.get("name")
+    if not name and isinstance(model, dict) and model.get("variant"):
+        # training configs name the model by its FactorVAE variant, as the paper's tables do
+        name = {"factorvae": "FactorVAE", "prior": "FactorVAE-prior", "port": "FactorVAE-port"}.get(
+            model["variant"], model["variant"]
+        )
     if not name:
-        raise DataError(f"{path}: no `model.name` or `name` in config.yaml")
+        raise DataError(f"{path}: no `model.name`, `model.variant` or `name` in config.yaml")
     seed = config.get("seed")
     if seed is None and isinstance(config.get("train"), dict):
         seed = config["train"].get("seed")

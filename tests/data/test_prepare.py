@@ -187,3 +187,16 @@ def test_shards_are_sorted_and_typed(tmp_path, bars):
         assert frame[manifest["features"]].notna().all().all()
         assert frame[manifest["features"]].abs().max().max() <= 3.0
     assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["fingerprint"]
+
+
+def test_excluded_stocks_leave_no_trace_in_the_training_target(tmp_path, bars):
+    _prepare(FrameSource(bars), tmp_path / "ds")
+    manifest = load_manifest(tmp_path / "ds")
+    entry = shard_entries(manifest, "train")[0]
+    first = next(iter_shard_days(tmp_path / "ds", entry, drop_nan_label=True))
+    held_out = set(first.instruments[:10])
+    kept = next(iter_shard_days(tmp_path / "ds", entry, drop_nan_label=True, exclude_instruments=held_out))
+    assert kept.date == first.date and not held_out & set(kept.instruments)
+    # the target is the CSRankNorm among the remaining stocks only
+    ranks = pd.Series(kept.label).rank(pct=True).to_numpy()
+    np.testing.assert_allclose(kept.y, (ranks - 0.5) * 3.46, rtol=1e-6)
