@@ -1,0 +1,158 @@
+"""Ray Data input: one dataset row per trading day, streamed to the training workers.
+
+Driver side (`day_dataset`): the shards of one split become a Ray Dataset whose rows are days
+
+    from_items(shard entries) -> flat_map(iter_shard_days) -> materialize (one day per block)
+
+and `shuffled_each_epoch` puts a block-order shuffle on top. Because every block holds exactly
+one day, shuffling block order IS a day-level shuffle, and it moves no data: the days sit in the
+object store once and each epoch only re-orders references. Ray Train hands the training
+dataset to the workers through `streaming_split(equal=True)`, so in every epoch each worker
+gets its own disjoint days and all workers get the same number of them.
+
+Worker side (`iter_day_batches`): the worker's share arrives one day at a time (batch_size=1
+never asks Ray Data to concatenate tensors of different N) and is grouped into batches of D
+days, padded to the largest N by `collate_days`.
+
+Rows: date (int64 days since 1970-01-01), instruments (list of str), x [N, T, C] float32,
+y [N] float32 (CSRankNorm target), label [N] float32 (raw LABEL0).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import ray
+import ray.train
+from ray.data import DataContext, Dataset, RandomSeedConfig
+
+from fvae_dist.data.shards import DaySample, collate_days, iter_shard_days, load_manifest, shard_entries
+from fvae_dist.errors import DataError
+
+_UNIX_DAY = np.datetime64("1970-01-01", "D")
+
+
+def day_dataset(
+    dataset_dir: str | Path,
+    split: str,
+    *,
+    drop_nan_label: bool = True,
+    exclude_instruments: Iterable[str] = (),
+    materialize: bool = True,
+) -> Dataset:
+    """A Ray Dataset of the split's days, one day per block.
+
+    materialize=True reads and cuts the shards once (Ray tasks) and keeps the days in the object
+    store, which is what makes the per-epoch shuffle free; False leaves a lazy dataset that
+    re-reads the shards on every pass (fine for a split read once, such as test)."""
+    dataset_dir = str(Path(dataset_dir).resolve())
+    manifest = load_manifest(dataset_dir)
+    entries = shard_entries(manifest, split)
+    if not entries:
+        raise DataError(f"{dataset_dir}/manifest.json: split {split!r} has no shards")
+    _quiet_ray_data()
+    ds = ray.data.from_items([{"shard": index} for index in range(len(entries))], override_num_blocks=len(entries))
+    # A block is closed as soon as it exceeds this size, so each day (hundreds of KB) ends up
+    # in a block of its own: block order then is day order.
+    ds.context.target_max_block_size = 1
+    ds = ds.flat_map(
+        _shard_rows,
+        fn_kwargs={
+            "dataset_dir": dataset_dir,
+            "entries": entries,
+            "manifest": manifest,
+            "drop_nan_label": drop_nan_label,
+            "exclude": sorted(set(exclude_instruments)),
+        },
+    )
+    return ds.materialize() if materialize else ds
+
+
+def shuffled_each_epoch(ds: Dataset, seed: int) -> Dataset:
+    """Reshuffle day order on every pass: Ray reseeds from (seed, execution index)."""
+    return ds.randomize_block_order(seed=RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
+
+
+def epoch_seed(seed: int, start_epoch: int) -> int:
+    """Base seed for a (possibly resumed) run: a resumed run starting at epoch e does not replay
+    the day orders of epochs 0, 1, ... that the first attempt already trained on."""
+    return int(np.random.SeedSequence([int(seed), int(start_epoch)]).generate_state(1)[0])
+
+
+class DaySplitConfig(ray.train.DataConfig):
+    """How Ray Train hands the datasets to its workers.
+
+    Training days go through streaming_split(equal=True): disjoint days and the same number of
+    them on every worker (a few leftover days are dropped), which keeps DDP's collectives in
+    step. Evaluation splits go through streaming_split(equal=False): still disjoint, but every
+    day is scored once, none dropped; evaluation needs no per-step collective."""
+
+    def __init__(self, equal_split: Iterable[str] = ("train",)):
+        super().__init__(datasets_to_split="all")
+        self._equal_split = frozenset(equal_split)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self.default_ingest_options()
+            splits = ds.streaming_split(world_size, equal=name in self._equal_split, locality_hints=worker_node_ids)
+            for rank, split in enumerate(splits):
+                output[rank][name] = split
+        return output
+
+
+def iter_day_batches(iterator, batch_days: int, *, prefetch_batches: int = 4, drop_last: bool = True) -> Iterator[dict]:
+    """Batches of D days from a Ray DataIterator (a worker's shard) or a Dataset.
+
+    Yields collate_days' dict (x [D, N, T, C], y, label, mask [D, N]) plus "date"
+    (datetime64[D], [D]) and "instruments" (list of D arrays). A last group shorter than D is
+    dropped when drop_last (training keeps step counts equal); kept for evaluation."""
+    group: list[DaySample] = []
+    for row in iterator.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch_batches):
+        group.append(row_to_day(row))
+        if len(group) == batch_days:
+            yield collate_with_dates(group)
+            group = []
+    if group and not drop_last:
+        yield collate_with_dates(group)
+
+
+def row_to_day(row: dict) -> DaySample:
+    """A one-row numpy batch from Ray Data -> DaySample."""
+    return DaySample(
+        date=_UNIX_DAY + np.timedelta64(int(row["date"][0]), "D"),
+        instruments=np.asarray(row["instruments"][0], dtype=str),
+        x=np.asarray(row["x"][0], dtype=np.float32),
+        y=np.asarray(row["y"][0], dtype=np.float32),
+        label=np.asarray(row["label"][0], dtype=np.float32),
+    )
+
+
+def collate_with_dates(days: list[DaySample]) -> dict:
+    batch = collate_days(days)
+    batch["date"] = np.array([day.date for day in days], dtype="datetime64[D]")
+    batch["instruments"] = [day.instruments for day in days]
+    return batch
+
+
+def _shard_rows(item: dict, *, dataset_dir, entries, manifest, drop_nan_label, exclude) -> Iterator[dict]:
+    entry = entries[int(item["shard"])]
+    for day in iter_shard_days(
+        dataset_dir, entry, drop_nan_label=drop_nan_label, exclude_instruments=set(exclude) or None, manifest=manifest
+    ):
+        yield {
+            "date": np.int64((day.date - _UNIX_DAY).astype(np.int64)),
+            "instruments": day.instruments.tolist(),
+            "x": day.x,
+            "y": day.y,
+            "label": day.label,
+        }
+
+
+def _quiet_ray_data() -> None:
+    # Progress bars from several workers interleave into noise in logs and test output.
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

@@ -1,0 +1,152 @@
+"""What a checkpoint holds, how it is written and read back, and when a resume is refused.
+
+A checkpoint is a directory that Ray Train persists under <run>/<checkpoint_epochNNNN>/:
+
+    state.pt          (rank 0) model, optimizer, LR scheduler, grad scaler, epoch, history,
+                      early-stopping state, best weights, resolved config, manifest hash
+    rank-<r>.pt       (every rank) that worker's RNG state, plus its optimizer partition when
+                      the optimizer state is sharded (DeepSpeed ZeRO >= 1)
+
+Every file loads with torch.load(weights_only=True): only tensors and plain Python values are
+stored (the config as a nested dict, numpy's RNG key as an int64 tensor).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fvae_dist.errors import ConfigError
+
+STATE_FILE = "state.pt"
+CHECKPOINT_PREFIX = "checkpoint_epoch"
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """Name of the checkpoint written after `epoch` (0-based) completed."""
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank}.pt"
+
+
+def save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temporary name, so a crash never leaves a torn file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load(path: str | Path) -> Any:
+    """torch.load(weights_only=True): a checkpoint can never execute code on load."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: checkpoint file not found") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state as tensors and plain values
+# ----------------------------------------------------------------------------------------------
+
+def capture_rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["name"],
+        numpy_state["keys"].numpy().astype(np.uint32),
+        numpy_state["pos"],
+        numpy_state["has_gauss"],
+        numpy_state["cached_gaussian"],
+    ))
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume guards
+# ----------------------------------------------------------------------------------------------
+
+def check_resumable(saved_config: dict, saved_hash: str, config: dict, manifest_hash: str, where: str) -> None:
+    """Refuse to continue a run on other data or with another model.
+
+    Training settings (epochs, lr, workers, ...) may change between attempts; the data set
+    (manifest hash), the held-out stocks and the model architecture may not."""
+    if saved_hash != manifest_hash:
+        raise ConfigError(
+            f"{where}: the run was trained on the data set with manifest hash {saved_hash}, but "
+            f"data.dataset_dir now has manifest hash {manifest_hash}. Use a new ray.run_name, or point "
+            "data.dataset_dir at the original data set."
+        )
+    differences = _differences(saved_config.get("model", {}), config.get("model", {}), "model")
+    saved_excluded = sorted(saved_config.get("data", {}).get("exclude_instruments", []))
+    excluded = sorted(config.get("data", {}).get("exclude_instruments", []))
+    if saved_excluded != excluded:
+        differences.append(f"data.exclude_instruments: {saved_excluded} -> {excluded}")
+    if differences:
+        raise ConfigError(
+            f"{where}: cannot resume this run with a different model or data selection "
+            f"({'; '.join(differences)}). Use a new ray.run_name for a new run."
+        )
+
+
+def _differences(saved: dict, current: dict, section: str) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{section}.{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding checkpoints in a run folder (outside Ray, e.g. for predict)
+# ----------------------------------------------------------------------------------------------
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest epoch first."""
+    run_dir = Path(run_dir)
+    return sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
+
+
+def best_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint of the best validation epoch, as recorded in <run>/metrics.json."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise ConfigError(f"{metrics_path}: not found; is {run_dir} a run folder written by `fvae-dist train`?")
+    metrics = json.loads(metrics_path.read_text())
+    best_epoch = metrics.get("best_epoch")
+    if best_epoch is None:
+        raise ConfigError(f"{metrics_path}: no best_epoch recorded yet (the run has not finished an epoch)")
+    path = run_dir / checkpoint_dir_name(int(best_epoch))
+    if not (path / STATE_FILE).is_file():
+        kept = [p.name for p in list_checkpoints(run_dir)]
+        raise ConfigError(f"{path}: the best epoch's checkpoint is missing; checkpoints present: {kept}")
+    return path

@@ -1,0 +1,350 @@
+"""The per-worker training function that Ray Train runs on every worker.
+
+    train_loop_per_worker(loop_config)        the TorchTrainer's train_loop_per_worker
+
+Read top to bottom: set threads and seeds, build the model and its engine (DDP or DeepSpeed),
+resume from Ray's latest checkpoint if there is one, then per epoch:
+    train on this worker's days -> validate (all workers, sums all-reduced) -> early-stopping
+    bookkeeping -> ray.train.report(metrics, checkpoint) -> rank 0: metrics.json + TensorBoard
+and at the end score the best epoch's weights on the validation and test splits.
+
+loop_config (plain data, built by train/trainer.py):
+    config          config_to_dict(ExperimentConfig)
+    manifest_hash   hash of the data set's manifest.json
+    run_dir         <storage>/<run name>, where rank 0 writes metrics.json and tensorboard/
+    eval_splits     names of the evaluation datasets passed to the trainer ("valid", "test")
+    model_builder   optional callable(FactorVAEConfig) -> nn.Module (tests, baselines)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict, write_text_atomic
+from fvae_dist.data.stream import iter_day_batches
+from fvae_dist.errors import ConfigError
+from fvae_dist.train import checkpoint as ckpt
+from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
+from fvae_dist.train.tensorboard import RunEvents
+from fvae_dist.train.validation import evaluate, to_device
+
+METRICS_FILE = "metrics.json"
+UNDEFINED_SCORE = -2.0  # below any Rank IC: an epoch whose Rank IC is undefined is never "best"
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run must continue from."""
+
+    epoch: int = 0  # epochs completed
+    history: list = field(default_factory=list)
+    best_epoch: int | None = None
+    best_score: float = -math.inf
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+    def observe(self, epoch: int, score: float, patience: int, min_delta: float) -> bool:
+        """Record the epoch's validation score; True when it is the new best."""
+        improved = self.best_epoch is None or score > self.best_score + min_delta
+        if improved:
+            self.best_epoch, self.best_score, self.bad_epochs = epoch, score, 0
+        else:
+            self.bad_epochs += 1
+        self.stopped_early = patience > 0 and self.bad_epochs >= patience
+        return improved
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = config_from_dict(loop_config["config"], source="train loop config")
+    run_dir = Path(loop_config["run_dir"])
+    manifest_hash = loop_config["manifest_hash"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    quiet_ray_train_logs(cfg.ray.log_level)
+
+    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.ray.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    builder = loop_config.get("model_builder") or _default_builder
+    engine = build_engine(builder(cfg.model), cfg, device, world)
+    best_weights = None
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state, best_weights = resume(Path(directory), engine, cfg, manifest_hash, rank, world)
+    else:
+        # sampling noise (reparameterisation) differs per rank, like the data does
+        seed_everything(cfg.train.seed + 1 + rank)
+
+    events = RunEvents(run_dir / "tensorboard") if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard(cfg.data.valid_split)
+    while state.epoch < cfg.train.epochs and not state.stopped_early:
+        epoch = state.epoch
+        lr = cfg.train.lr * lr_factor(cfg.train, epoch)
+        engine.set_lr(lr)
+        train = train_one_epoch(engine, train_shard, cfg, device, world, run_dir, epoch, rank)
+        valid = evaluate_split(engine, valid_shard, cfg, device)
+        score = valid["rank_ic"] if math.isfinite(valid["rank_ic"]) else UNDEFINED_SCORE
+        if state.observe(epoch, score, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta):
+            best_weights = _cpu_copy(engine.module.state_dict())
+        metrics = epoch_metrics(epoch, lr, train, valid, score, state)
+        state.history.append(metrics)
+        state.epoch = epoch + 1
+        report_epoch(metrics, engine, state, best_weights, cfg, manifest_hash, rank, world)
+        if rank == 0:
+            events.log_epoch(epoch, metrics)
+            write_metrics(run_dir, state, manifest_hash)
+            # sys.stdout, not print: Ray Train patches print() and the line would show twice
+            sys.stdout.write(progress_line(metrics, cfg.train.epochs) + "\n")
+            sys.stdout.flush()
+
+    final = final_evaluation(engine, best_weights, loop_config.get("eval_splits", ()), cfg, device)
+    ray.train.report(_finite_only({f"final_{split}_{key}": value for split, values in final.items() for key, value in values.items()}))
+    if rank == 0:
+        write_metrics(run_dir, state, manifest_hash, final=final)
+        events.log_hparams(config_to_dict(cfg), {f"{s}_{k}": v for s, vs in final.items() for k, v in vs.items()})
+        events.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Epoch pieces
+# ----------------------------------------------------------------------------------------------
+
+def train_one_epoch(engine, shard, cfg: ExperimentConfig, device, world: int, run_dir: Path, epoch: int, rank: int) -> dict:
+    """One pass over this worker's share of the training days; returns all-worker averages."""
+    batches = iter_day_batches(shard, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches, drop_last=True)
+    engine.module.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl (sums over steps)
+    steps, stock_days, waited = 0, 0, 0.0
+    dates: list[str] = []
+    start = time.perf_counter()
+    while True:
+        before = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - before
+        # Every worker must run the same number of DDP steps or the gradient all-reduce hangs;
+        # streaming_split(equal=True) promises that, this check makes it impossible to break.
+        if not _all_workers_have(batch is not None, world, device):
+            break
+        x, mask, y = to_device(batch, device)
+        out = engine.train_step(x, mask, y)
+        sums += torch.stack([out["loss"].detach(), out["nll"].detach(), out["kl"].detach()]).double()
+        steps += 1
+        stock_days += int(batch["mask"].sum())
+        if cfg.train.audit_days:
+            dates.extend(str(d) for d in batch["date"])
+    batches.close()
+    elapsed = time.perf_counter() - start
+    if cfg.train.audit_days:
+        write_text_atomic(run_dir / "audit" / f"epoch-{epoch:04d}-rank-{rank}.json",
+                          json.dumps({"epoch": epoch, "rank": rank, "steps": steps, "dates": dates}))
+    totals = torch.cat([sums.cpu(), torch.tensor([steps, stock_days, waited, elapsed], dtype=torch.float64)])
+    totals = _all_reduce_sum(totals, device)
+    loss, nll, kl, all_steps, all_stock_days, all_waited, all_elapsed = totals.tolist()
+    per_step = max(all_steps, 1.0)
+    mean_elapsed = all_elapsed / world
+    return {
+        "loss": loss / per_step,
+        "nll": nll / per_step,
+        "kl": kl / per_step,
+        "steps": int(all_steps / world),
+        "stock_days": int(all_stock_days),
+        "seconds": mean_elapsed,
+        "stock_days_per_s": all_stock_days / mean_elapsed if mean_elapsed > 0 else 0.0,
+        "data_wait_fraction": all_waited / all_elapsed if all_elapsed > 0 else 0.0,
+    }
+
+
+def evaluate_split(engine, shard, cfg: ExperimentConfig, device) -> dict:
+    batches = iter_day_batches(shard, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches, drop_last=False)
+    return evaluate(engine.module, batches, device=device, autocast=engine.autocast).all_reduce().summary()
+
+
+def epoch_metrics(epoch: int, lr: float, train: dict, valid: dict, score: float, state: TrainState) -> dict:
+    metrics = {"epoch": epoch, "lr": lr}
+    metrics.update({f"train_{k}": train[k] for k in ("loss", "nll", "kl", "steps", "stock_days")})
+    metrics.update({f"valid_{k}": valid[k] for k in ("loss", "nll", "kl", "ic", "icir", "rank_ic", "rank_icir", "days")})
+    metrics.update(
+        perf_stock_days_per_s=train["stock_days_per_s"],
+        perf_data_wait_fraction=train["data_wait_fraction"],
+        perf_epoch_seconds=train["seconds"],
+        checkpoint_score=score,
+        best_epoch=state.best_epoch,
+        best_valid_rank_ic=state.best_score,
+    )
+    return metrics
+
+
+def progress_line(metrics: dict, epochs: int) -> str:
+    return (f"epoch {metrics['epoch'] + 1}/{epochs}: train loss {metrics['train_loss']:.4f} "
+            f"(nll {metrics['train_nll']:.4f}, kl {metrics['train_kl']:.4f}) | valid loss {metrics['valid_loss']:.4f} "
+            f"Rank IC {metrics['valid_rank_ic']:.4f} | {metrics['perf_stock_days_per_s']:,.0f} stock-days/s, "
+            f"data wait {100 * metrics['perf_data_wait_fraction']:.1f}% | best epoch {metrics['best_epoch'] + 1}")
+
+
+def report_epoch(metrics, engine, state: TrainState, best_weights, cfg, manifest_hash, rank, world) -> None:
+    """ray.train.report with this epoch's checkpoint; every rank adds its own file to it."""
+    with tempfile.TemporaryDirectory(prefix="fvae-ckpt-") as directory:
+        directory = Path(directory)
+        if rank == 0:
+            ckpt.save(
+                {
+                    "model": _cpu_copy(engine.module.state_dict()),
+                    "best_model": best_weights,
+                    **engine.shared_state(),
+                    "train_state": asdict(state),
+                    "config": config_to_dict(cfg),
+                    "manifest_hash": manifest_hash,
+                    "world_size": world,
+                },
+                directory / ckpt.STATE_FILE,
+            )
+        ckpt.save({"rng": ckpt.capture_rng_state(), **engine.rank_state()}, directory / ckpt.rank_file(rank))
+        ray.train.report(
+            _finite_only(metrics),
+            checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+            checkpoint_dir_name=ckpt.checkpoint_dir_name(metrics["epoch"]),
+        )
+
+
+def final_evaluation(engine, best_weights, eval_splits, cfg: ExperimentConfig, device) -> dict:
+    """The best epoch's weights scored on every evaluation split (all workers take part)."""
+    if best_weights is not None:
+        engine.module.load_state_dict(best_weights)
+    final = {}
+    for split in eval_splits:
+        summary = evaluate_split(engine, ray.train.get_dataset_shard(split), cfg, device)
+        final[_split_role(split, cfg)] = summary
+    return final
+
+
+def resume(directory: Path, engine, cfg: ExperimentConfig, manifest_hash: str, rank: int, world: int):
+    saved = _load_checkpoint_file(directory / ckpt.STATE_FILE)
+    ckpt.check_resumable(saved["config"], saved["manifest_hash"], config_to_dict(cfg), manifest_hash, str(directory))
+    engine.module.load_state_dict(saved["model"])
+    saved_world = int(saved.get("world_size", 0))
+    rank_paths = [directory / ckpt.rank_file(r) for r in range(saved_world)]
+    missing = [p.name for p in rank_paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{directory}: incomplete checkpoint, missing {missing}")
+    # every rank's file only when the optimizer state is sharded; else just this rank's RNG
+    wanted = rank_paths if engine.sharded_optimizer else rank_paths[rank : rank + 1]
+    rank_states = [_load_checkpoint_file(path) for path in wanted]
+    engine.load_state(saved, rank_states)
+    own = _load_checkpoint_file(rank_paths[rank]) if saved_world == world else None
+    state = TrainState(**saved["train_state"])
+    # the patience in force now decides (a rerun may raise it to train on)
+    patience = cfg.train.early_stopping_patience
+    state.stopped_early = patience > 0 and state.bad_epochs >= patience
+    if own is not None and saved.get("world_size") == world:
+        ckpt.restore_rng_state(own["rng"])
+    else:
+        seed_everything(cfg.train.seed + 1 + rank + 7919 * state.epoch)
+    return state, saved.get("best_model")
+
+
+def write_metrics(run_dir: Path, state: TrainState, manifest_hash: str, final: dict | None = None) -> None:
+    """<run>/metrics.json: per-epoch history, best epoch, final valid/test metrics (rank 0)."""
+    path = run_dir / METRICS_FILE
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    document = {
+        "manifest_hash": manifest_hash,
+        "epochs_completed": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_valid_rank_ic": state.best_score if state.best_epoch is not None else None,
+        "best_checkpoint": ckpt.checkpoint_dir_name(state.best_epoch) if state.best_epoch is not None else None,
+        "stopped_early": state.stopped_early,
+        "history": state.history,
+        "final": final if final is not None else previous.get("final"),
+    }
+    write_text_atomic(path, json.dumps(_json_safe(document), indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def quiet_ray_train_logs(level: str) -> None:
+    """Apply ray.log_level to Ray Train's loggers in this worker.
+
+    Ray 2.60's LoggingConfig misses some of them: the per-report INFO line comes from a logger
+    named by its file path (.../ray/train/v2/.../context.py) that propagates to the root logger."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (name.startswith("ray.train") or "/ray/train/" in name):
+            logger.setLevel(level.upper())
+
+
+def _default_builder(model_cfg):
+    from fvae_dist.models.factorvae import build_model
+
+    return build_model(model_cfg)
+
+
+def _all_workers_have(have: bool, world: int, device) -> bool:
+    if world == 1:
+        return have
+    flag = torch.tensor([1 if have else 0], dtype=torch.int32, device=_collective_device(device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _all_reduce_sum(values: torch.Tensor, device) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    values = values.to(_collective_device(device))
+    dist.all_reduce(values)
+    return values.cpu()
+
+
+def _collective_device(device) -> torch.device:
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _load_checkpoint_file(path: Path):
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        return ckpt.load(path)
+
+
+def _cpu_copy(state_dict: dict) -> dict:
+    return {key: value.detach().to("cpu", copy=True).float() if value.is_floating_point() else value.detach().cpu().clone()
+            for key, value in state_dict.items()}
+
+
+def _split_role(split: str, cfg: ExperimentConfig) -> str:
+    return {cfg.data.valid_split: "valid", cfg.data.test_split: "test"}.get(split, split)
+
+
+def _finite_only(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v)) and v is not None}
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+

@@ -1,0 +1,284 @@
+"""Training throughput, end to end (input + step), at the paper's sizes: N~300, T=20, C=20, H=64, K=8, M=64.
+
+    python scripts/bench_train.py [--quick] [--out bench/train.json] [--dataset DIR] [--skip-ray]
+
+Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .bench/):
+  * the 2048x2048 fp32 matmul ceiling (GFLOP/s) with 1 thread and with all cores
+  * a plain single-process loop without Ray (days already decoded in memory, collate + step),
+    fp32 vs bf16, 1 vs 4 days per step, 1 thread and all-cores threads
+  * Ray Train (the real `train()`, DDP, Ray Data input) with 1 and 2 workers, same variants
+  * Ray's overhead against the plain loop at the same core count, the fraction of the epoch the
+    workers wait for input, achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one
+    training step) against the matmul ceiling, and the per-core rate against the 20,000
+    stock-days/s target.
+Writes one JSON document and prints a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fvae_dist.config import load_config, write_text_atomic  # noqa: E402
+from fvae_dist.data.shards import collate_days, iter_shard_days, load_manifest, shard_entries  # noqa: E402
+
+TARGET_PER_CORE = 20_000
+WORK = REPO / ".bench" / "train"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller market, fewer variants (a few minutes)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "train.json"))
+    parser.add_argument("--dataset", default=None, help="a prepared data set to use instead of generating one")
+    parser.add_argument("--skip-ray", action="store_true", help="only the plain loop and the matmul ceiling")
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    dataset = Path(args.dataset) if args.dataset else prepare_market(days=320 if args.quick else 600)
+    days = load_days(dataset)
+    mean_n = float(np.mean([len(d.instruments) for d in days]))
+    flops = train_flops_per_stock_day()
+    ceiling = {"1_thread": matmul_gflops(1), f"{cores}_threads": matmul_gflops(cores)}
+    print(f"data: {len(days)} train days, mean N {mean_n:.0f}; {flops / 1e6:.2f} MFLOP per stock-day (train step)")
+    print(f"matmul 2048^2 fp32 ceiling: {ceiling}")
+
+    plain_variants = [(p, d, t) for t in sorted({1, cores}) for p in ("fp32", "bf16") for d in (1, 4)]
+    if args.quick:
+        plain_variants = [v for v in plain_variants if v[2] == 1 or (v[0] == "fp32" and v[1] == 1)]
+    # This machine may be shared: each variant runs `repeats` times, interleaved, and keeps its best.
+    repeats = 2 if args.quick else 3
+    runs = [[plain_loop(days, precision=p, batch_days=d, threads=t, max_steps=12 if args.quick else 40)
+             for p, d, t in plain_variants] for _ in range(repeats)]
+    plain = [max(attempts, key=lambda row: row["stock_days_per_s"]) for attempts in zip(*runs)]
+    for row, attempts in zip(plain, zip(*runs)):
+        row["attempts_stock_days_per_s"] = [a["stock_days_per_s"] for a in attempts]
+    data_only = ray_data_only(dataset) if not args.skip_ray else None
+
+    ray_results = []
+    if not args.skip_ray:
+        ray_variants = [(w, p, d) for w in (1, 2) for p in ("fp32", "bf16") for d in (1, 4)]
+        if args.quick:
+            ray_variants = [(1, "fp32", 1), (2, "fp32", 1), (2, "bf16", 1)]
+        import ray
+
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        for workers, precision, batch_days in ray_variants:
+            ray_results.append(ray_run(dataset, workers, precision, batch_days, cores, epochs=2 if args.quick else 3))
+        ray.shutdown()
+
+    for row in plain + ray_results:
+        row["gflops"] = row["stock_days_per_s"] * flops / 1e9
+        row["fraction_of_matmul_ceiling"] = row["gflops"] / (ceiling["1_thread"] * row["cores"])
+        row["stock_days_per_s_per_core"] = row["stock_days_per_s"] / row["cores"]
+        row["meets_target_per_core"] = row["stock_days_per_s_per_core"] >= TARGET_PER_CORE
+    overhead = ray_overhead(plain, ray_results)
+    report = {
+        "what": "FactorVAE training throughput, stock-days per second, input + step",
+        "machine": {"cpus": cores, "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "sizes": {"mean_N": mean_n, "T": 20, "C": 20, "H": 64, "K": 8, "M": 64, "train_days": len(days)},
+        "train_flops_per_stock_day": flops,
+        "matmul_ceiling_gflops": ceiling,
+        "target_stock_days_per_s_per_core": TARGET_PER_CORE,
+        "plain_loop": plain,
+        "ray_train": ray_results,
+        "ray_overhead_vs_plain": overhead,
+        "ray_data_input_only": data_only,
+        "load_average_1m_at_end": os.getloadavg()[0],
+        "quick": args.quick,
+    }
+    write_text_atomic(args.out, json.dumps(report, indent=1))
+    print_table(plain, ray_results, overhead)
+    print(f"wrote {args.out}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and FLOPs
+# ----------------------------------------------------------------------------------------------
+
+def prepare_market(days: int) -> Path:
+    from fvae_dist.data.bars import open_source
+    from fvae_dist.data.prepare import prepare_dataset
+
+    out = WORK / f"synthetic-300x{days}"
+    started = time.perf_counter()
+    result = prepare_dataset(open_source(f"synthetic:stocks=300,days={days},seed=0"), out, progress=False)
+    print(f"data set {out} ({'reused' if result.reused else f'prepared in {time.perf_counter() - started:.0f} s'})")
+    return out
+
+
+def load_days(dataset: Path) -> list:
+    manifest = load_manifest(dataset)
+    return [day for entry in shard_entries(manifest, "train")
+            for day in iter_shard_days(dataset, entry, drop_nan_label=True, manifest=manifest)]
+
+
+def model_config(precision: str = "fp32", batch_days: int = 1, extra: tuple = ()):
+    return load_config(None, ["model.hidden_size=64", "model.num_factors=8", "model.num_portfolios=64",
+                              f"train.precision={precision}", f"data.batch_days={batch_days}", *extra])
+
+
+def train_flops_per_stock_day() -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fvae_dist.models.factorvae import build_model
+
+    model = build_model(model_config().model)
+    x, mask, y = torch.randn(1, 300, 20, 20), torch.ones(1, 300, dtype=torch.bool), torch.randn(1, 300)
+    with FlopCounterMode(display=False) as counter:
+        model(x, mask, y)["loss"].backward()
+    return counter.get_total_flops() / 300
+
+
+def matmul_gflops(threads: int, size: int = 2048, repeats: int = 6) -> float:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    elapsed = (time.perf_counter() - started) / repeats
+    torch.set_num_threads(previous)
+    return 2 * size**3 / elapsed / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain loop: no Ray, no DDP, the same model, optimizer and precision switch
+# ----------------------------------------------------------------------------------------------
+
+def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max_steps: int) -> dict:
+    from fvae_dist.models.factorvae import build_model
+    from fvae_dist.train.engine import DDPEngine
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = model_config(precision, batch_days)
+    engine = DDPEngine(build_model(cfg.model), cfg, torch.device("cpu"), world_size=1)
+    order = np.random.default_rng(0).permutation(len(days))
+    groups = [order[i : i + batch_days] for i in range(0, len(order) - batch_days + 1, batch_days)]
+    warmup = 3
+    data_s = step_s = 0.0
+    stock_days = steps = 0
+    for index, group in enumerate(groups[: warmup + max_steps]):
+        started = time.perf_counter()
+        batch = collate_days([days[i] for i in group])
+        x, mask, y = (torch.from_numpy(batch[k]) for k in ("x", "mask", "y"))
+        collated = time.perf_counter()
+        engine.train_step(x, mask, y)
+        done = time.perf_counter()
+        if index >= warmup:
+            data_s += collated - started
+            step_s += done - collated
+            stock_days += int(batch["mask"].sum())
+            steps += 1
+    total = data_s + step_s
+    row = {"kind": "plain", "precision": precision, "batch_days": batch_days, "threads": threads, "cores": threads,
+           "steps": steps, "stock_days_per_s": stock_days / total, "data_wait_fraction": data_s / total,
+           "step_ms": 1e3 * step_s / steps}
+    print(f"plain  threads={threads} {precision} D={batch_days}: {row['stock_days_per_s']:,.0f} stock-days/s "
+          f"(data {100 * row['data_wait_fraction']:.1f}%)")
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train: the product's train() with a fresh run folder
+# ----------------------------------------------------------------------------------------------
+
+def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores: int, epochs: int) -> dict:
+    from fvae_dist.train.trainer import train
+
+    name = f"ray-w{workers}-{precision}-d{batch_days}"
+    storage = WORK / "runs"
+    shutil.rmtree(storage / name, ignore_errors=True)
+    # On `cores` CPUs the workers together may hold cores - 1, leaving one to Ray Data.
+    cpus_per_worker = max(min(1.0, (cores - 1) / workers), 0.25)
+    cfg = model_config(precision, batch_days, (
+        f"data.dataset_dir={dataset}", f"train.epochs={epochs}", "train.early_stopping_patience=0",
+        "train.keep_checkpoints=1", "train.torch_threads=1", f"ray.num_workers={workers}",
+        f"ray.cpus_per_worker={cpus_per_worker}", f"ray.storage_path={storage}", f"ray.run_name={name}",
+    ))
+    started = time.perf_counter()
+    metrics = train(cfg).metrics
+    wall = time.perf_counter() - started
+    steady = metrics["history"][1:] or metrics["history"]  # epoch 0 includes start-up of the input pipeline
+    epoch_seconds = sum(h["perf_epoch_seconds"] for h in metrics["history"])
+    row = {
+        "kind": "ray", "workers": workers, "precision": precision, "batch_days": batch_days,
+        "cores": min(workers, cores), "threads_per_worker": 1, "cpus_per_worker": cpus_per_worker,
+        "epochs": epochs,
+        "stock_days_per_s": float(np.mean([h["perf_stock_days_per_s"] for h in steady])),
+        "best_epoch_stock_days_per_s": float(max(h["perf_stock_days_per_s"] for h in steady)),
+        "data_wait_fraction": float(np.mean([h["perf_data_wait_fraction"] for h in steady])),
+        "first_epoch_stock_days_per_s": metrics["history"][0]["perf_stock_days_per_s"],
+        "run_wall_s": wall,
+        "fixed_cost_s": wall - epoch_seconds,  # Ray start, data materialisation, validation, checkpoints
+        "valid_rank_ic_last": metrics["history"][-1]["valid_rank_ic"],
+    }
+    print(f"ray    workers={workers} {precision} D={batch_days}: {row['stock_days_per_s']:,.0f} stock-days/s "
+          f"(data wait {100 * row['data_wait_fraction']:.1f}%, run {wall:.0f} s)")
+    return row
+
+
+def ray_data_only(dataset: Path) -> dict:
+    """How fast one consumer pulls days out of the materialised Ray Dataset (no model step):
+    the input pipeline's ceiling, to compare with the step rate."""
+    import ray
+
+    from fvae_dist.data.stream import day_dataset, iter_day_batches, shuffled_each_epoch
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ds = shuffled_each_epoch(day_dataset(dataset, "train"), seed=0)
+    rates = []
+    for _ in range(2):
+        started, stock_days = time.perf_counter(), 0
+        for batch in iter_day_batches(ds, 1):
+            stock_days += int(batch["mask"].sum())
+        rates.append(stock_days / (time.perf_counter() - started))
+    ray.shutdown()
+    row = {"stock_days_per_s": max(rates), "days": ds.count()}
+    print(f"ray data input only: {row['stock_days_per_s']:,.0f} stock-days/s")
+    return row
+
+
+def ray_overhead(plain: list, ray_results: list) -> list:
+    """1 - Ray / plain at the same core count, precision and days per step."""
+    rows = []
+    for r in ray_results:
+        match = [p for p in plain if p["threads"] == r["cores"] and p["precision"] == r["precision"]
+                 and p["batch_days"] == r["batch_days"]]
+        if match:
+            rows.append({"workers": r["workers"], "cores": r["cores"], "precision": r["precision"],
+                         "batch_days": r["batch_days"], "plain_stock_days_per_s": match[0]["stock_days_per_s"],
+                         "ray_stock_days_per_s": r["stock_days_per_s"],
+                         "overhead_fraction": 1.0 - r["stock_days_per_s"] / match[0]["stock_days_per_s"]})
+    return rows
+
+
+def print_table(plain: list, ray_results: list, overhead: list) -> None:
+    print(f"\n{'run':34s} {'stock-days/s':>13s} {'per core':>9s} {'data wait':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
+    for row in plain + ray_results:
+        label = (f"plain threads={row['threads']}" if row["kind"] == "plain" else f"ray workers={row['workers']}")
+        label += f" {row['precision']} D={row['batch_days']}"
+        print(f"{label:34s} {row['stock_days_per_s']:13,.0f} {row['stock_days_per_s_per_core']:9,.0f} "
+              f"{100 * row['data_wait_fraction']:8.1f}% {row['gflops']:8.1f} {100 * row['fraction_of_matmul_ceiling']:7.1f}%")
+    for row in overhead:
+        print(f"Ray overhead, {row['cores']} core(s) {row['precision']} D={row['batch_days']}: "
+              f"{100 * row['overhead_fraction']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Checkpoint files load with weights_only=True; RNG round trip; resume guards; LR schedule."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fvae_dist.config import ExperimentConfig, config_to_dict, load_config
+from fvae_dist.errors import ConfigError
+from fvae_dist.train import checkpoint as ckpt
+from fvae_dist.train.engine import lr_factor
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    ckpt.save({"rng": ckpt.capture_rng_state(), "config": config_to_dict(ExperimentConfig())}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.standard_normal(3), torch.randn(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    loaded = ckpt.load(tmp_path / "r.pt")  # weights_only=True inside
+    ckpt.restore_rng_state(loaded["rng"])
+    assert random.random() == expected[0]
+    np.testing.assert_array_equal(np.random.standard_normal(3), expected[1])
+    assert torch.equal(torch.randn(3), expected[2])
+    assert loaded["config"] == config_to_dict(ExperimentConfig())
+
+
+def test_check_resumable_refuses_other_data_or_model():
+    saved = config_to_dict(ExperimentConfig())
+    same_model_other_training = config_to_dict(load_config(None, ["train.lr=0.1", "train.epochs=99"]))
+    ckpt.check_resumable(saved, "abc", same_model_other_training, "abc", "run")  # allowed
+    with pytest.raises(ConfigError, match="manifest hash abc.*xyz"):
+        ckpt.check_resumable(saved, "abc", saved, "xyz", "run")
+    with pytest.raises(ConfigError, match="model.hidden_size: 64 -> 32"):
+        ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None, ["model.hidden_size=32"])), "abc", "run")
+    with pytest.raises(ConfigError, match="exclude_instruments"):
+        ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None, ["data.exclude_instruments=[A]"])), "abc", "r")
+
+
+def test_best_checkpoint_needs_metrics(tmp_path):
+    with pytest.raises(ConfigError, match="metrics.json"):
+        ckpt.best_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.lr_schedule=constant"], [1, 1, 1, 1]),
+        (["train.lr_schedule=step", "train.lr_step_epochs=2", "train.lr_step_gamma=0.5"], [1, 1, 0.5, 0.5]),
+        (["train.lr_schedule=cosine", "train.epochs=4"], [1.0, 0.75, 0.25, 0.0]),
+        (["train.warmup_epochs=1", "train.lr_schedule=constant"], [0.5, 1, 1, 1]),
+    ],
+)
+def test_lr_factor(overrides, expected):
+    train = load_config(None, overrides).train
+    assert [lr_factor(train, e) for e in range(4)] == pytest.approx(expected)

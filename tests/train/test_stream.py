@@ -1,0 +1,73 @@
+"""data/stream.py: the Ray Dataset of days and the per-step batches cut from it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fvae_dist.data.shards import iter_shard_days, load_manifest, shard_entries
+from fvae_dist.data.stream import day_dataset, iter_day_batches, shuffled_each_epoch
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
+
+
+def _expected_days(toy_dir, split, exclude=None):
+    manifest = load_manifest(toy_dir)
+    return {
+        str(day.date): day
+        for entry in shard_entries(manifest, split)
+        for day in iter_shard_days(toy_dir, entry, drop_nan_label=True, exclude_instruments=exclude, manifest=manifest)
+    }
+
+
+def test_rows_are_the_splits_days_one_per_block(ray_local, toy_dir):
+    ds = day_dataset(toy_dir, "train")
+    expected = _expected_days(toy_dir, "train")
+    assert ds.count() == len(expected) == ds.num_blocks()
+    seen = {}
+    for batch in iter_day_batches(ds, 1, drop_last=False):
+        day = expected[str(batch["date"][0])]
+        n = int(batch["mask"][0].sum())
+        np.testing.assert_array_equal(batch["x"][0, :n], day.x)
+        np.testing.assert_array_equal(batch["instruments"][0], day.instruments)
+        np.testing.assert_array_equal(batch["y"][0, :n], day.y)
+        seen[str(batch["date"][0])] = n
+    assert set(seen) == set(expected)
+
+
+def test_excluded_instruments_never_appear(ray_local, toy_dir):
+    excluded = {"SH600000", "SH600003"}
+    ds = day_dataset(toy_dir, "valid", exclude_instruments=excluded)
+    instruments = set()
+    for batch in iter_day_batches(ds, 1, drop_last=False):
+        instruments.update(batch["instruments"][0].tolist())
+    assert instruments and not instruments & excluded
+
+
+def test_batches_pad_days_to_the_largest_n(ray_local, toy_dir):
+    ds = day_dataset(toy_dir, "train")
+    batches = list(iter_day_batches(ds, 5, drop_last=True))
+    assert len(batches) == ds.count() // 5
+    for batch in batches:
+        D, N = batch["mask"].shape
+        assert D == 5 and batch["x"].shape[:2] == (D, N) and N == batch["mask"].sum(axis=1).max()
+        assert np.all(batch["x"][~batch["mask"]] == 0)
+    tail = list(iter_day_batches(ds, 5, drop_last=False))
+    assert len(tail) == -(-ds.count() // 5) and tail[-1]["mask"].shape[0] == ds.count() % 5
+
+
+def test_day_order_is_reshuffled_every_pass(ray_local, toy_dir):
+    ds = shuffled_each_epoch(day_dataset(toy_dir, "train"), seed=3)
+    orders = [[str(b["date"][0]) for b in iter_day_batches(ds, 1)] for _ in range(2)]
+    assert sorted(orders[0]) == sorted(orders[1])
+    assert orders[0] != orders[1]
+
+
+def test_workers_that_would_starve_ray_data_are_refused(ray_local, toy_dir):
+    from fvae_dist.config import load_config
+    from fvae_dist.errors import ConfigError
+    from fvae_dist.train.trainer import check_cluster_fits
+
+    # the configuration that hangs forever on 2 CPUs: the workers take both, Ray Data gets none
+    with pytest.raises(ConfigError, match="cpus_per_worker=0.5"):
+        check_cluster_fits(load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=1"]))
+    check_cluster_fits(load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=0.5"]))

@@ -1,0 +1,199 @@
+"""End to end on 2 CPUs: a 2-worker Ray Train run, its run folder, resume, predict, bf16.
+
+One run (3 epochs) is shared by the tests of this module, in file order; the resume test
+extends it to 5 epochs, so it comes after the tests that read the 3-epoch state.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fvae_dist.config import load_config
+from fvae_dist.data.shards import iter_shard_days, load_manifest, manifest_hash, shard_entries
+from fvae_dist.errors import ConfigError
+from fvae_dist.train import checkpoint as ckpt
+from fvae_dist.cli import main as cli_main
+from fvae_dist.errors import DataError
+from fvae_dist.train.engine import deepspeed_safe_globals
+from fvae_dist.train.predict import predict_split
+from fvae_dist.train.trainer import train
+from tests.train.conftest import tiny_overrides
+
+pytestmark = [pytest.mark.ray]
+
+RUN = "two-workers"
+
+
+def _cfg(toy_dir, storage, *extra, run=RUN):
+    return load_config(None, tiny_overrides(toy_dir, storage, run, "train.epochs=3", "train.audit_days=true",
+                                            "train.lr=3e-3", "train.early_stopping_patience=0", *extra))
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, toy_dir, storage):
+    outcome = train(_cfg(toy_dir, storage))
+    return outcome, json.loads(json.dumps(outcome.metrics))
+
+
+@pytest.mark.timeout(300)
+def test_run_folder_holds_everything(first_run, toy_dir):
+    outcome, metrics = first_run
+    run_dir = outcome.run_dir
+    for name in ("config.yaml", "manifest_hash.txt", "metrics.json", "tensorboard"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "manifest_hash.txt").read_text().strip() == manifest_hash(toy_dir)
+    assert load_config(run_dir / "config.yaml").model.hidden_size == 8
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2]
+    assert metrics["epochs_completed"] == 3
+    best = metrics["best_epoch"]
+    assert metrics["best_valid_rank_ic"] == pytest.approx(max(h["valid_rank_ic"] for h in metrics["history"]))
+    assert metrics["history"][best]["valid_rank_ic"] == pytest.approx(metrics["best_valid_rank_ic"])
+    # final valid metrics are those of the best epoch's weights, recomputed after training
+    assert metrics["final"]["valid"]["rank_ic"] == pytest.approx(metrics["best_valid_rank_ic"], abs=1e-9)
+    n_test_days = load_manifest(toy_dir)["splits"]["test"]["n_days"]
+    assert metrics["final"]["test"]["days"] == n_test_days
+    for h in metrics["history"]:
+        assert math.isfinite(h["train_loss"]) and h["perf_stock_days_per_s"] > 0
+        assert 0 <= h["perf_data_wait_fraction"] <= 1
+
+
+@pytest.mark.timeout(60)
+def test_checkpoints_every_epoch_load_with_weights_only(first_run):
+    outcome, metrics = first_run
+    kept = ckpt.list_checkpoints(outcome.run_dir)
+    # keep_checkpoints=2: the latest and the best survive
+    names = {p.name for p in kept}
+    assert ckpt.checkpoint_dir_name(2) in names and ckpt.checkpoint_dir_name(metrics["best_epoch"]) in names
+    state = torch.load(kept[-1] / ckpt.STATE_FILE, weights_only=True)
+    assert state["train_state"]["epoch"] == 3 and state["manifest_hash"] == metrics["manifest_hash"]
+    assert set(state) >= {"model", "optimizer", "scaler", "best_model", "config", "world_size"}
+    for rank in (0, 1):
+        assert "rng" in torch.load(kept[-1] / ckpt.rank_file(rank), weights_only=True)
+
+
+@pytest.mark.timeout(60)
+def test_tensorboard_events_have_the_tags_and_values(first_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    outcome, metrics = first_run
+    events = EventAccumulator(str(outcome.run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/nll", "train/kl", "valid/loss", "valid/ic", "valid/rank_ic", "valid/icir",
+                "valid/rank_icir", "lr", "perf/stock_days_per_s", "perf/data_wait_fraction"}
+    assert expected <= tags, expected - tags
+    for tag, key in (("valid/rank_ic", "valid_rank_ic"), ("train/nll", "train_nll"), ("lr", "lr")):
+        values = [e.value for e in events.Scalars(tag)]
+        assert [e.step for e in events.Scalars(tag)] == [0, 1, 2]
+        assert values == pytest.approx([h[key] for h in metrics["history"]], rel=1e-5)
+    hparams = EventAccumulator(str(outcome.run_dir / "tensorboard" / "hparams"))
+    hparams.Reload()
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams.PluginTagToContent("hparams"))
+    assert "hparam/valid_rank_ic" in hparams.Tags()["scalars"]
+
+
+@pytest.mark.timeout(60)
+def test_workers_train_on_disjoint_days_with_equal_steps(first_run, toy_dir):
+    outcome, _ = first_run
+    n_train_days = load_manifest(toy_dir)["splits"]["train"]["n_days"]
+    orders = []
+    for epoch in range(3):
+        audits = [json.loads((outcome.run_dir / "audit" / f"epoch-{epoch:04d}-rank-{r}.json").read_text())
+                  for r in (0, 1)]
+        assert audits[0]["steps"] == audits[1]["steps"] == n_train_days // 2
+        assert not set(audits[0]["dates"]) & set(audits[1]["dates"])
+        assert len(set(audits[0]["dates"]) | set(audits[1]["dates"])) == n_train_days
+        orders.append(audits[0]["dates"] + audits[1]["dates"])
+    assert orders[0] != orders[1], "day order should be reshuffled every epoch"
+
+
+@pytest.mark.timeout(120)
+def test_predict_scores_every_stock_day_of_the_test_split(first_run, toy_dir, capsys):
+    outcome, _ = first_run
+    assert cli_main(["predict", "--run", str(outcome.run_dir), "--split", "test"]) == 0
+    assert "Rank IC" in capsys.readouterr().out
+    path = outcome.run_dir / "predictions" / "test.parquet"
+    frame = pd.read_parquet(path)
+    assert list(frame.columns) == ["date", "instrument", "mu", "sigma", "label"]
+    manifest = load_manifest(toy_dir)
+    expected = {
+        (pd.Timestamp(day.date), inst)
+        for entry in shard_entries(manifest, "test")
+        for day in iter_shard_days(toy_dir, entry, drop_nan_label=False, manifest=manifest)
+        for inst in day.instruments
+    }
+    assert set(zip(frame["date"], frame["instrument"])) == expected and len(frame) == len(expected)
+    assert frame["label"].isna().any(), "stock-days without a label are scored too"
+    assert np.isfinite(frame["mu"]).all() and (frame["sigma"] > 0).all()
+
+
+@pytest.mark.timeout(60)
+def test_rerun_with_another_model_is_refused(first_run, toy_dir, storage):
+    with pytest.raises(ConfigError, match="model.hidden_size: 8 -> 16"):
+        train(_cfg(toy_dir, storage, "model.hidden_size=16"))
+
+
+@pytest.mark.timeout(300)
+def test_rerun_resumes_from_the_last_epoch(first_run, toy_dir, storage):
+    outcome, before = first_run
+    first_audit = outcome.run_dir / "audit" / "epoch-0000-rank-0.json"
+    stamp = first_audit.stat().st_mtime_ns
+    resumed = train(_cfg(toy_dir, storage, "train.epochs=5"))
+    history = resumed.metrics["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]
+    assert history[:3] == before["history"], "epochs 0-2 come from the checkpoint, not a new run"
+    assert first_audit.stat().st_mtime_ns == stamp, "epoch 0 was not trained again"
+    assert (outcome.run_dir / "audit" / "epoch-0004-rank-1.json").is_file()
+    assert ckpt.checkpoint_dir_name(4) in {p.name for p in ckpt.list_checkpoints(outcome.run_dir)}
+
+
+@pytest.mark.timeout(120)
+def test_predict_can_write_factor_exposures(first_run):
+    outcome, _ = first_run
+    frame = pd.read_parquet(predict_split(outcome.run_dir, "valid", exposures=True))
+    assert {"beta_0", "beta_1"} <= set(frame.columns) and "beta_2" not in frame.columns  # K = 2
+
+
+@pytest.mark.timeout(300)
+def test_bf16_autocast_runs_on_cpu_through_the_cli(ray_local, toy_dir, storage, capsys):
+    argv = ["train", *tiny_overrides(toy_dir, storage, "bf16", "train.epochs=1", "train.precision=bf16",
+                                     "ray.num_workers=1", "data.batch_days=2")]
+    assert cli_main(argv) == 0
+    assert "best epoch: 1" in capsys.readouterr().out
+    metrics = json.loads((storage / "bf16" / "metrics.json").read_text())
+    assert math.isfinite(metrics["history"][0]["train_loss"])
+    assert math.isfinite(metrics["final"]["valid"]["loss"])
+
+
+@pytest.mark.timeout(300)
+def test_a_workers_own_error_reaches_the_caller_unwrapped(ray_local, toy_dir, storage):
+    def failing_builder(model_cfg):
+        raise DataError("stand-in model: refuses to build")
+
+    cfg = load_config(None, tiny_overrides(toy_dir, storage, "failing", "train.epochs=1", "ray.num_workers=1"))
+    with pytest.raises(DataError, match="refuses to build"):
+        train(cfg, model_builder=failing_builder)
+
+
+@pytest.mark.timeout(400)
+def test_deepspeed_zero1_bf16_trains_and_resumes(ray_local, toy_dir, storage):
+    extra = ("train.deepspeed=true", "train.deepspeed_zero_stage=1", "train.precision=bf16")
+    first = train(load_config(None, tiny_overrides(toy_dir, storage, "deepspeed", "train.epochs=1", *extra)))
+    assert first.metrics["epochs_completed"] == 1
+    state_dir = ckpt.list_checkpoints(first.run_dir)[-1]
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        rank_state = torch.load(state_dir / ckpt.rank_file(1), weights_only=True)
+    assert "optimizer" in rank_state  # each rank keeps its own ZeRO partition
+    second = train(load_config(None, tiny_overrides(toy_dir, storage, "deepspeed", "train.epochs=2", *extra)))
+    assert [h["epoch"] for h in second.metrics["history"]] == [0, 1]
+    assert second.metrics["history"][0] == first.metrics["history"][0]
