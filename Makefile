@@ -25,7 +25,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) scripts/bench_prepare.py
+	$(PY) scripts/bench_prepare.py --out bench/prepare.json
+	$(PY) scripts/bench_train.py
 
 clean:
 	rm -rf $(VENV) .demo

@@ -97,8 +97,8 @@ def failing_once(name: str, marker_dir: Path):
 
 
 def _recording(original, path: Path):
-    def iter_day_batches(iterator, batch_days, *, prefetch_batches=4, drop_last=True):
-        for batch in original(iterator, batch_days, prefetch_batches=prefetch_batches, drop_last=drop_last):
+    def iter_day_batches(iterator, batch_days, *, drop_last=True, **options):
+        for batch in original(iterator, batch_days, drop_last=drop_last, **options):
             seen = sorted({str(name) for day in batch["instruments"] for name in day})
             with open(path, "a") as handle:
                 handle.write(json.dumps({"phase": "train" if drop_last else "eval", "instruments": seen}) + "\n")

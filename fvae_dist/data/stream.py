@@ -19,6 +19,8 @@ y [N] float32 (CSRankNorm target), label [N] float32 (raw LABEL0).
 """
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -103,12 +105,23 @@ class DaySplitConfig(ray.train.DataConfig):
         return output
 
 
-def iter_day_batches(iterator, batch_days: int, *, prefetch_batches: int = 4, drop_last: bool = True) -> Iterator[dict]:
+def iter_day_batches(
+    iterator, batch_days: int, *, prefetch_batches: int = 4, drop_last: bool = True, background: bool = False
+) -> Iterator[dict]:
     """Batches of D days from a Ray DataIterator (a worker's shard) or a Dataset.
 
     Yields collate_days' dict (x [D, N, T, C], y, label, mask [D, N]) plus "date"
     (datetime64[D], [D]) and "instruments" (list of D arrays). A last group shorter than D is
-    dropped when drop_last (training keeps step counts equal); kept for evaluation."""
+    dropped when drop_last (training keeps step counts equal); kept for evaluation.
+    background=True fetches and pads the next `prefetch_batches` batches in a thread while the
+    caller computes (numpy copies and torch kernels release the GIL, so the two overlap)."""
+    batches = _day_batches(iterator, batch_days, prefetch_batches, drop_last)
+    if background and prefetch_batches > 0:
+        return _in_background(batches, depth=prefetch_batches)
+    return batches
+
+
+def _day_batches(iterator, batch_days: int, prefetch_batches: int, drop_last: bool) -> Iterator[dict]:
     group: list[DaySample] = []
     for row in iterator.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch_batches):
         group.append(row_to_day(row))
@@ -117,6 +130,52 @@ def iter_day_batches(iterator, batch_days: int, *, prefetch_batches: int = 4, dr
             group = []
     if group and not drop_last:
         yield collate_with_dates(group)
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_DONE = object()
+
+
+def _in_background(items: Iterator, depth: int) -> Iterator:
+    """Run `items` in a daemon thread, `depth` results ahead; errors re-raise in the caller."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            put(_Failed(error))
+
+    worker = threading.Thread(target=produce, name="day-batches", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
 
 
 def row_to_day(row: dict) -> DaySample:

@@ -127,7 +127,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def train_one_epoch(engine, shard, cfg: ExperimentConfig, device, world: int, run_dir: Path, epoch: int, rank: int) -> dict:
     """One pass over this worker's share of the training days; returns all-worker averages."""
-    batches = iter_day_batches(shard, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches, drop_last=True)
+    batches = iter_day_batches(shard, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches,
+                               drop_last=True, background=True)
     engine.module.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl (sums over steps)
     steps, stock_days, waited = 0, 0, 0.0
@@ -171,7 +172,8 @@ def train_one_epoch(engine, shard, cfg: ExperimentConfig, device, world: int, ru
 
 
 def evaluate_split(engine, shard, cfg: ExperimentConfig, device) -> dict:
-    batches = iter_day_batches(shard, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches, drop_last=False)
+    batches = iter_day_batches(shard, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches,
+                               drop_last=False, background=True)
     return evaluate(engine.module, batches, device=device, autocast=engine.autocast).all_reduce().summary()
 
 

@@ -9,6 +9,7 @@ Columns: date (datetime64[ns]), instrument, mu, sigma, label [, beta_0 .. beta_{
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -76,9 +77,9 @@ def predict_split(
 
     frames = []
     for entry in shard_entries(manifest, split):
-        days = list(iter_shard_days(dataset_dir, entry, drop_nan_label=False, manifest=manifest))
-        for start in range(0, len(days), batch_days):
-            frames.append(_score_days(model, days[start : start + batch_days], exposures))
+        days = iter_shard_days(dataset_dir, entry, drop_nan_label=False, manifest=manifest)
+        while chunk := list(itertools.islice(days, batch_days)):  # a shard's windows never all in memory
+            frames.append(_score_days(model, chunk, exposures))
     if not frames:
         raise ConfigError(f"{dataset_dir}: split {split!r} has no days to predict")
     predictions = pd.concat(frames, ignore_index=True).sort_values(["date", "instrument"], kind="stable")

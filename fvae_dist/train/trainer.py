@@ -161,8 +161,9 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     """Join ray.address, or start a local Ray sized by ray.num_cpus (all CPUs by default)."""
     if ray.is_initialized():
         return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        # an existing cluster brings its own CPU count; num_cpus may not be passed then
+        ray.init(address=cfg.ray.address or None, log_to_driver=True)
         return
     num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

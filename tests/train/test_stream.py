@@ -71,3 +71,27 @@ def test_workers_that_would_starve_ray_data_are_refused(ray_local, toy_dir):
     with pytest.raises(ConfigError, match="cpus_per_worker=0.5"):
         check_cluster_fits(load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=1"]))
     check_cluster_fits(load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=0.5"]))
+
+
+def test_background_prefetch_yields_the_same_batches(ray_local, toy_dir):
+    ds = day_dataset(toy_dir, "valid")
+    plain = list(iter_day_batches(ds, 3, drop_last=False))
+    threaded = list(iter_day_batches(ds, 3, drop_last=False, background=True))
+    # Ray does not promise the same block order on every pass: compare contents, not order
+    assert [len(b["date"]) for b in threaded] == [len(b["date"]) for b in plain]
+    by_date = {str(d): x for b in plain for d, x in zip(b["date"], b["x"])}
+    for batch in threaded:
+        for date, x in zip(batch["date"], batch["x"]):
+            np.testing.assert_array_equal(x[: len(by_date[str(date)])], by_date[str(date)])
+    assert sorted(str(d) for b in threaded for d in b["date"]) == sorted(by_date)
+
+
+class _BrokenIterator:
+    def iter_batches(self, **kwargs):
+        raise OSError("shard unreadable")
+        yield  # pragma: no cover
+
+
+def test_background_prefetch_reraises_the_readers_error():
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(iter_day_batches(_BrokenIterator(), 1, background=True))
