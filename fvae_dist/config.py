@@ -268,7 +268,7 @@ def config_from_dict(data: Mapping, *, source: str = "config") -> ExperimentConf
     """Build and validate an ExperimentConfig from nested plain data (YAML, a checkpoint, Tune)."""
     unknown = [name for name in data if name not in SECTIONS]
     if unknown:
-        raise ConfigError(f"{source}: unknown section {unknown[0]!r}{_nearest(unknown[0], SECTIONS)}")
+        raise ConfigError(f"{source}: unknown section {unknown[0]!r}{nearest_name_hint(unknown[0], SECTIONS)}")
     sections = {}
     for section, cls in SECTIONS.items():
         values = data.get(section) or {}
@@ -328,7 +328,7 @@ def _build_section(cls: type, section: str, values: Mapping, source: str):
     kwargs = {}
     for name, value in values.items():
         if name not in fields:
-            raise ConfigError(f"{source}: unknown key {section}.{name}{_nearest(f'{section}.{name}', all_keys())}")
+            raise ConfigError(f"{source}: unknown key {section}.{name}{nearest_name_hint(f'{section}.{name}', all_keys())}")
         kwargs[name] = _coerce(value, hints[name], f"{section}.{name}", source)
     try:
         return cls(**kwargs)
@@ -387,13 +387,14 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
 def _split_key(key: str, *, source: str) -> tuple[str, str]:
     section, dot, name = key.partition(".")
     if not dot or not name or "." in name:
-        raise ConfigError(f"{source}: key {key!r} must be SECTION.NAME{_nearest(key, all_keys())}")
+        raise ConfigError(f"{source}: key {key!r} must be SECTION.NAME{nearest_name_hint(key, all_keys())}")
     if section not in SECTIONS:
-        raise ConfigError(f"{source}: unknown key {key!r}{_nearest(key, all_keys())}")
+        raise ConfigError(f"{source}: unknown key {key!r}{nearest_name_hint(key, all_keys())}")
     return section, name
 
 
-def _nearest(name: str, candidates) -> str:
+def nearest_name_hint(name: str, candidates) -> str:
+    """'; did you mean ...?' for a misspelt key, else the list of valid ones (shared with tune.py)."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     if not match:
         # a bare field name without its section ("lr") still deserves a pointer

@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import difflib
 import io
 import json
 import math
@@ -64,6 +63,7 @@ from fvae_dist.config import (
     config_from_dict,
     config_to_dict,
     load_config,
+    nearest_name_hint,
     parse_override,
     with_overrides,
     write_text_atomic,
@@ -239,7 +239,7 @@ def campaign_from_dict(data: Mapping, *, source: str, base_dir: str | Path = "."
     """Check every part of a campaign before anything runs; ConfigError names the setting."""
     unknown = [name for name in data if name not in SECTIONS]
     if unknown:
-        raise ConfigError(f"{source}: unknown section {unknown[0]!r}{_nearest(unknown[0], SECTIONS)}")
+        raise ConfigError(f"{source}: unknown section {unknown[0]!r}{nearest_name_hint(unknown[0], SECTIONS)}")
     tune = _tune_settings(data.get("tune") or {}, source, default_name)
     base = _base_config(data.get("base") or {}, source, Path(base_dir), tune.resources)
     space = _search_space(data.get("space"), source, base)
@@ -249,7 +249,7 @@ def campaign_from_dict(data: Mapping, *, source: str, base_dir: str | Path = "."
     known = reported_metrics()
     if tune.metric not in known:
         raise ConfigError(f"{source}: tune.metric={tune.metric!r} is never reported by the training loop"
-                          f"{_nearest(tune.metric, known)}")
+                          f"{nearest_name_hint(tune.metric, known)}")
     return CampaignSpec(source=source, base=base, space=space, tune=tune)
 
 
@@ -293,7 +293,7 @@ def _base_config(raw: Any, source: str, base_dir: Path, resources: TrialResource
     raw = _mapping(raw, f"{source}: base")
     unknown = [k for k in raw if k not in ("config", "overrides")]
     if unknown:
-        raise ConfigError(f"{source}: unknown key base.{unknown[0]}{_nearest(unknown[0], ['config', 'overrides'])}")
+        raise ConfigError(f"{source}: unknown key base.{unknown[0]}{nearest_name_hint(unknown[0], ['config', 'overrides'])}")
     preset = raw.get("config")
     if preset:
         preset = Path(preset).expanduser()
@@ -329,7 +329,7 @@ def _search_space(raw: Any, source: str, base: ExperimentConfig) -> tuple[ParamS
     for key, spec in raw.items():
         where = f"{source}: space.{key}"
         if key not in keys:
-            raise ConfigError(f"{where}: unknown hyperparameter{_nearest(key, keys)}")
+            raise ConfigError(f"{where}: unknown hyperparameter{nearest_name_hint(key, keys)}")
         if key.startswith("ray.") or key in FIXED_KEYS:
             reason = FIXED_KEYS.get(key, "trial resources are set in tune.resources and run folders by the campaign")
             raise ConfigError(f"{where}: cannot be searched: {reason}")
@@ -352,7 +352,7 @@ def _param(key: str, spec: Mapping, where: str) -> ParamSpec:
     allowed = ("type", "values") if kind == "choice" else ("type", "low", "high", "log", "step")
     unknown = [name for name in spec if name not in allowed]
     if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r} for type {kind}{_nearest(unknown[0], allowed)}")
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} for type {kind}{nearest_name_hint(unknown[0], allowed)}")
     if kind == "choice":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
@@ -878,7 +878,7 @@ def _build(cls, values: Mapping, where: str, source: str):
     hints = typing.get_type_hints(cls)
     unknown = [k for k in values if k not in hints]
     if unknown:
-        raise ConfigError(f"{source}: unknown key {where}.{unknown[0]}{_nearest(unknown[0], hints)}")
+        raise ConfigError(f"{source}: unknown key {where}.{unknown[0]}{nearest_name_hint(unknown[0], hints)}")
     return cls(**{name: _coerce(value, hints[name], f"{where}.{name}", source) for name, value in values.items()})
 
 
@@ -926,13 +926,6 @@ def _set_nested(target: dict, path: list[str], value: Any, source: str) -> None:
         target = target[name]
     target[path[-1]] = value
 
-
-def _nearest(name: str, candidates) -> str:
-    candidates = list(candidates)
-    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    if not match:
-        match = [c for c in candidates if c.endswith(f".{name}")][:1]
-    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(candidates))}"
 
 
 def _param_to_dict(p: ParamSpec) -> dict:
