@@ -1,9 +1,11 @@
-"""The robustness job (Experiment 2): held-out stocks never reach training, scores are on them only.
+"""The robustness job (Experiment 2): held-out stocks never reach training, nor the normalisation
+statistics of the inputs; scores are on them only.
 
-The end-to-end test trains a real (tiny) grid on Ray and instruments the data path: a model
-builder, run inside every Train worker, wraps the loop's batch iterator and records the
-instruments of every batch that worker sees, tagged train (drop_last=True) or eval. It takes
-1-2 minutes on 2 cores (4 runs, 2 at a time); the file's other tests take seconds.
+The end-to-end tests share one real (tiny) grid trained on Ray from a prepared synthetic market,
+and instrument the data path: a model builder, run inside every Train worker, wraps the loop's
+batch iterator and records the instruments of every batch that worker sees, tagged train
+(drop_last=True) or eval. The grid takes 1-2 minutes on 2 cores (4 runs, 2 at a time); the file's
+other tests take seconds.
 """
 from __future__ import annotations
 
@@ -21,17 +23,23 @@ from scipy.stats import spearmanr
 
 from fvae_dist import cli
 from fvae_dist.config import load_config
-from fvae_dist.data.shards import iter_shard_days, load_manifest, shard_entries
+from fvae_dist.data.bars import open_source
+from fvae_dist.data.features import features_frame
+from fvae_dist.data.prepare import prepare_dataset
+from fvae_dist.data.shards import iter_shard_days, load_manifest, manifest_hash, shard_entries
 from fvae_dist.errors import ConfigError, DataError
 from fvae_dist.evaluate.report import build_report
 from fvae_dist.robustness import (RunSpec, draw_held_out, resolve_models, run_one, run_robustness, scorable_instruments,
                                   score_held_out)
+from tests.data.frame_source import random_walk_bars
 from tests.train.toy_dataset import write_toy_dataset
 
 # The builders and fake run functions below run in Ray workers, which cannot import this file.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 N_STOCKS = 24
+SYNTHETIC = "synthetic:stocks=24,days=100,seed=0"
+SEQ_LEN = 5
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,14 @@ def toy_dir(tmp_path_factory) -> Path:
     return write_toy_dataset(tmp_path_factory.mktemp("rob") / "data", n_stocks=N_STOCKS, seq_len=5, n_features=4,
                              split_days={"train": 24, "valid": 6, "test": 10},
                              shards_per_split={"train": 2, "valid": 1, "test": 1})
+
+
+@pytest.fixture(scope="module")
+def market_dir(tmp_path_factory) -> Path:
+    """A data set prepared from a source its manifest can reopen (the job re-prepares from it)."""
+    out = tmp_path_factory.mktemp("market") / "data"
+    prepare_dataset(open_source(SYNTHETIC), out, seq_len=SEQ_LEN, shard_rows=1_000, progress=False)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +66,9 @@ def ray_cluster():
     ray.shutdown()
 
 
-def tiny_config(dataset_dir: Path, storage: Path, *extra: str):
+def tiny_config(dataset_dir: Path, storage: Path, *extra: str, num_features: int = 4):
     return load_config(None, [
-        f"data.dataset_dir={dataset_dir}", "model.num_features=4", "model.seq_len=5", "model.hidden_size=4",
+        f"data.dataset_dir={dataset_dir}", f"model.num_features={num_features}", "model.seq_len=5", "model.hidden_size=4",
         "model.num_factors=2", "model.num_portfolios=4", "train.epochs=1", "train.early_stopping_patience=0",
         "ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.num_cpus=2", f"ray.storage_path={storage}", *extra,
     ])
@@ -161,22 +177,31 @@ def test_scores_use_only_the_held_out_stocks():
 
 # ---------------------------------------------------------------------------------------------- Ray
 
-@pytest.mark.timeout(480)  # ~70 s on 2 idle cores; generous for a shared, busy machine
-def test_grid_holds_stocks_out_of_training_and_scores_exactly_them(toy_dir, tmp_path, ray_cluster):
+@pytest.fixture(scope="module")
+def grid(market_dir, tmp_path_factory, ray_cluster):
+    """The real grid (factorvae x m in {4, 8} x 2 seeds), one run failing once and retried."""
+    tmp_path = tmp_path_factory.mktemp("grid")
     records = tmp_path / "records"
     records.mkdir()
     out = tmp_path / "out"
-    cfg = tiny_config(toy_dir, tmp_path / "unused")
+    cfg = tiny_config(market_dir, tmp_path / "unused", num_features=20)
     retried = RunSpec("factorvae", 4, 1).name
+    messages = []
     summary = run_robustness(cfg, models=["factorvae"], ms=[4, 8], seeds=2, out_dir=out, retries=1,
                              model_builder=RecordingBuilder(records), run_fn=failing_once(retried, records),
-                             log=lambda _: None)
+                             log=messages.append)
+    return {"summary": summary, "out": out, "root": out / "robustness", "records": records, "cfg": cfg,
+            "messages": messages, "tmp": tmp_path}
 
+
+@pytest.mark.timeout(480)  # ~70 s on 2 idle cores; generous for a shared, busy machine
+def test_grid_holds_stocks_out_of_training_and_scores_exactly_them(grid, market_dir):
+    summary, out, records, cfg, tmp_path = grid["summary"], grid["out"], grid["records"], grid["cfg"], grid["tmp"]
     assert summary.max_parallel == 2  # 2 CPUs, 0.5 per run, 1 kept for Ray Data
     results = pd.read_csv(out / "robustness" / "results.csv")
     assert len(results) == 4 and (results["status"] == "ok").all(), results
     assert results.set_index("seed").loc[1].set_index("m").loc[4, "attempts"] == 2
-    train_pool = split_instruments(toy_dir, "train")
+    train_pool = split_instruments(market_dir, "train")
     for row in results.itertuples():
         held_out = (out / "robustness" / row.held_out_file).read_text().split()
         assert len(held_out) == row.m
@@ -206,9 +231,69 @@ def test_grid_holds_stocks_out_of_training_and_scores_exactly_them(toy_dir, tmp_
 
     again = run_robustness(cfg, models=["factorvae"], ms=[4, 8], seeds=2, out_dir=out, log=lambda _: None)
     assert (again.ran, again.skipped, again.failed) == (0, 4, 0)
+    job = json.loads((out / "robustness" / "job.json").read_text())
+    assert (job["prepare"]["prepared"], job["prepare"]["reused"]) == (0, 4)  # the data sets are reused as they are
     with pytest.raises(ConfigError, match="train.epochs"):
-        run_robustness(tiny_config(toy_dir, tmp_path / "unused", "train.epochs=2"), models=["factorvae"], ms=[4],
-                       seeds=1, out_dir=out, log=lambda _: None)
+        run_robustness(tiny_config(market_dir, tmp_path / "unused", "train.epochs=2", num_features=20),
+                       models=["factorvae"], ms=[4], seeds=1, out_dir=out, log=lambda _: None)
+
+
+def hand_fitted_statistics(spec: str, train_span: tuple[str, str], leave_out: set[str]) -> dict[str, tuple]:
+    """median and 1.4826 * MAD of every feature over the training span's universe stock-days (a
+    bar that day, a member that day) of every stock not in leave_out, computed from the raw bars."""
+    source = open_source(spec)
+    bars = pd.concat(list(source.iter_chunks()), ignore_index=True)
+    frame = features_frame(bars, calendar=source.calendar)
+    frame = frame.merge(bars[["date", "instrument", "close"]], on=["date", "instrument"], how="left")
+    frame = frame.merge(source.membership, on="instrument", how="left")
+    start, end = (pd.Timestamp(day) for day in train_span)
+    keep = ((frame["date"] >= start) & (frame["date"] <= end) & frame["close"].notna()
+            & (frame["date"] >= frame["start_date"]) & (frame["date"] <= frame["end_date"])
+            & ~frame["instrument"].isin(leave_out))
+    stats = {}
+    for name in source_features(frame):
+        values = frame.loc[keep, name].to_numpy(dtype=np.float64)
+        values = values[np.isfinite(values)]
+        median = np.median(values)
+        stats[name] = (median, (np.median(np.abs(values - median)) + 1e-12) * 1.4826)
+    return stats
+
+
+def source_features(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c not in {"date", "instrument", "LABEL0", "close", "start_date", "end_date"}]
+
+
+@pytest.mark.timeout(480)  # shares the grid with the test above; alone it pays for it
+def test_each_run_is_normalised_without_its_held_out_stocks_and_still_predicts_them(grid, market_dir):
+    root = grid["root"]
+    base = load_manifest(market_dir)
+    train_span = (base["normalization"]["fit_start"], base["normalization"]["fit_end"])
+    with_everyone = hand_fitted_statistics(SYNTHETIC, train_span, set())
+    for name, (median, scale) in with_everyone.items():  # the hand computation reproduces a plain prepare
+        assert base["normalization"]["median"][name] == pytest.approx(median, rel=1e-6, abs=1e-9)
+        assert base["normalization"]["scale"][name] == pytest.approx(scale, rel=1e-6, abs=1e-9)
+
+    job = json.loads((root / "job.json").read_text())
+    for row in pd.read_csv(root / "results.csv").itertuples():
+        held_out = (root / row.held_out_file).read_text().split()
+        record = json.loads((root / row.run_dir / "robustness.json").read_text())
+        run_data = root / "data" / f"m{row.m}-seed{row.seed}"
+        assert Path(record["config"]["data"]["dataset_dir"]) == run_data  # the run trained on its own data set
+        assert record["manifest_hash"] == manifest_hash(run_data)
+        assert job["prepare"]["datasets"][run_data.name]["path"] == f"data/{run_data.name}"
+        stats = load_manifest(run_data)["normalization"]
+        assert stats["fit_excluded_instruments"]["instruments"] == sorted(held_out)
+        expected = hand_fitted_statistics(SYNTHETIC, train_span, set(held_out))
+        for name, (median, scale) in expected.items():
+            assert stats["median"][name] == pytest.approx(median, rel=1e-6, abs=1e-9), name
+            assert stats["scale"][name] == pytest.approx(scale, rel=1e-6, abs=1e-9), name
+        moved = [name for name in expected if not np.isclose(stats["median"][name], with_everyone[name][0],
+                                                             rtol=1e-9, atol=0)]
+        assert moved, "leaving the held-out stocks out changed no statistic: the check would prove nothing"
+
+        predictions = pd.read_parquet(root / row.run_dir / "predictions" / "test.parquet")
+        mine = predictions[predictions["instrument"].isin(held_out)]
+        assert set(mine["instrument"]) == set(held_out) and np.isfinite(mine["mu"]).all()
 
 
 def fake_run(cfg_dict, spec, held_out, model_builder=None):
@@ -223,8 +308,12 @@ def fake_run(cfg_dict, spec, held_out, model_builder=None):
 def test_failed_runs_are_retried_reported_and_redone_on_rerun(toy_dir, tmp_path, ray_cluster):
     cfg = tiny_config(toy_dir, tmp_path)
     messages = []
+    # the toy data set has no source to re-prepare from: every run shares it, as the flag says
     summary = run_robustness(cfg, models=["factorvae", "port"], ms=[3], seeds=3, out_dir=tmp_path, retries=2,
-                             log=messages.append, run_fn=fake_run)
+                             log=messages.append, run_fn=fake_run, reuse_normalisation=True)
+    assert not (tmp_path / "robustness" / "data").exists()
+    assert "reuse-normalisation" in json.loads((tmp_path / "robustness" / "job.json").read_text())["prepare"][
+        "normalisation"]
     results = summary.results.set_index(["model_key", "seed"])
     assert summary.failed == 2 and (summary.ran, summary.skipped) == (6, 0)
     for model in ("factorvae", "port"):
@@ -240,5 +329,24 @@ def test_failed_runs_are_retried_reported_and_redone_on_rerun(toy_dir, tmp_path,
     assert any("FAILED" in message for message in messages)
 
     again = run_robustness(cfg, models=["factorvae", "port"], ms=[3], seeds=3, out_dir=tmp_path, retries=0,
-                           log=lambda _: None, run_fn=fake_run)
+                           log=lambda _: None, run_fn=fake_run, reuse_normalisation=True)
     assert (again.ran, again.skipped, again.failed) == (2, 4, 2)  # only the failed runs run again
+
+
+def test_a_source_that_cannot_be_reopened_is_a_config_error_suggesting_the_flag(toy_dir, tmp_path):
+    table = tmp_path / "bars.parquet"
+    random_walk_bars(n_stocks=20, n_days=120, seed=2).to_parquet(table, index=False)
+    dataset = tmp_path / "data"
+    prepare_dataset(open_source(str(table)), dataset, seq_len=SEQ_LEN, shard_rows=1_000, progress=False)
+    table.rename(tmp_path / "elsewhere.parquet")
+    with pytest.raises(ConfigError) as error:
+        run_robustness(tiny_config(dataset, tmp_path, num_features=20), models=["factorvae"], ms=[3], seeds=1,
+                       out_dir=tmp_path, log=lambda _: None)
+    message = str(error.value)
+    assert str(dataset / "manifest.json") in message and str(table) in message and "no longer exists" in message
+    assert "--reuse-normalisation" in message
+    # a data set written without a source (the toy layout) says so, with the same way out
+    with pytest.raises(ConfigError, match=r"manifest.json: records no way to reopen.*--reuse-normalisation") as error:
+        run_robustness(tiny_config(toy_dir, tmp_path), models=["factorvae"], ms=[3], seeds=1, out_dir=tmp_path,
+                       log=lambda _: None)
+    assert str(toy_dir / "manifest.json") in str(error.value)

@@ -59,6 +59,11 @@ class BarSource(Protocol):
 
     def fingerprint(self) -> str: ...
 
+    def open_args(self) -> dict | None:
+        """The open_source(spec, market=, membership=) arguments that reopen this source (so a
+        prepared data set can be rebuilt from its manifest), or None when no spec can."""
+        ...
+
 
 # --------------------------------------------------------------------------------------------------
 # helpers shared by the readers
@@ -216,6 +221,7 @@ class LongTableSource:
 
     def __init__(self, path, *, market: str = "all", membership=None):
         self.path = Path(path).resolve()
+        self.market = market
         self.name = f"long_table:{self.path}" + ("" if market == "all" else f"[{market}]")
         self._membership_path = _membership_path_for(self.path, market, membership)
         self.membership = None if self._membership_path is None else read_membership(self._membership_path)
@@ -254,6 +260,11 @@ class LongTableSource:
             chunk = self._read_chunk([self._ids[n] for n in names], lo_i, hi_i)
             if len(chunk):
                 yield chunk
+
+    def open_args(self) -> dict:
+        # the membership file is passed explicitly, however it was found (--membership or beside the table)
+        membership = None if self._membership_path is None else str(Path(self._membership_path).resolve())
+        return {"spec": str(self.path), "market": self.market, "membership": membership}
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:

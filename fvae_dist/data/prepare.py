@@ -6,6 +6,12 @@ the normalisation on the training span column by column, then cuts date-major sh
 table with Parquet row-group filters. Everything is written under a temporary directory that is
 renamed into place at the very end, so a crash or a bad input never leaves a half-written data set
 that looks complete, and an existing data set is only replaced by a complete new one.
+
+`fit_exclude_instruments` fits the normalisation as if those stocks did not exist in the training
+span, while the shards still hold them (so they can be predicted later): the robustness experiment
+needs this so that its held-out stocks do not shape the inputs the model is trained on. The
+manifest records how to reopen the source (`settings.source_open`), so `data/reopen.prepare_like` can
+rebuild a data set from the same source and settings with another such exclusion.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -42,6 +48,7 @@ FEATURE_LOOKBACK_DAYS = 64
 LABEL_HORIZON_DAYS = 2  # y_t = close[t+2] / close[t+1] - 1
 DEFAULT_SHARD_ROWS = 200_000  # ~20 MB uncompressed with 20 features: tens of MB, good for streaming
 RAW_ROW_GROUP = 65_536
+EXCLUDED_LIST_LIMIT = 2_000  # the manifest lists excluded instruments up to this many, else only count + hash
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,11 @@ def prepare_dataset(
     shard_rows: int = DEFAULT_SHARD_ROWS,
     chunk_size: int = 256,
     progress: bool = True,
+    fit_exclude_instruments: Iterable[str] = (),
 ) -> PrepareResult:
+    """Build the data set in out_dir, or reuse it when its fingerprint (input and settings) matches.
+
+    fit_exclude_instruments: stocks left out of the normalisation fit (not out of the shards)."""
     if feature_set not in FEATURE_SETS:
         raise ConfigError(f"feature set {feature_set!r} unknown; expected one of {sorted(FEATURE_SETS)}")
     if seq_len < 1:
@@ -118,17 +129,11 @@ def prepare_dataset(
         raise ConfigError(f"--shard-rows must be >= 1000, got {shard_rows}")
     out_dir = Path(out_dir)
     splits = resolve_splits(source.calendar, splits, warmup_days=seq_len)
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "source": source.fingerprint(),
-        "splits": splits.to_json(),
-        "seq_len": seq_len,
-        "feature_set": feature_set,
-        "shard_rows": shard_rows,
-        "version": __version__,
-    }
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-    existing = _existing_manifest(out_dir)
+    excluded = _checked_exclusions(source, fit_exclude_instruments)
+    settings = prepare_settings(source.fingerprint(), source_open_args(source), splits.to_json(), seq_len,
+                                feature_set, shard_rows, excluded)
+    fingerprint = settings_fingerprint(settings)
+    existing = existing_manifest(out_dir)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         return PrepareResult(out_dir, reused=True, manifest=existing)
 
@@ -136,8 +141,8 @@ def prepare_dataset(
     (tmp / "raw").mkdir(parents=True)
     (tmp / "shards").mkdir()
     try:
-        manifest = _build(source, tmp, splits, seq_len, feature_set, shard_rows, chunk_size, progress)
-        manifest.update(fingerprint=fingerprint, settings=settings)
+        manifest = _build(source, tmp, splits, seq_len, feature_set, shard_rows, chunk_size, progress, excluded)
+        manifest.update(fingerprint=fingerprint, settings=settings, build={"chunk_size": chunk_size})
         with open(tmp / MANIFEST_NAME, "w") as handle:
             json.dump(manifest, handle, indent=1)
         _swap_into_place(tmp, out_dir)
@@ -147,7 +152,57 @@ def prepare_dataset(
     return PrepareResult(out_dir, reused=False, manifest=manifest)
 
 
-def _build(source, tmp: Path, splits: Splits, seq_len, feature_set, shard_rows, chunk_size, progress) -> dict:
+def prepare_settings(source_fingerprint: str, source_open: dict | None, splits_json: dict, seq_len: int,
+                     feature_set: str, shard_rows: int, fit_excluded: list[str]) -> dict:
+    """Everything that decides a data set's content; its hash is the prepare fingerprint."""
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "source": source_fingerprint,
+        "source_open": source_open,
+        "splits": splits_json,
+        "seq_len": seq_len,
+        "feature_set": feature_set,
+        "shard_rows": shard_rows,
+        "version": __version__,
+    }
+    if fit_excluded:  # absent when empty: a plain prepare's fingerprint does not mention the feature
+        settings["fit_exclude_instruments"] = {"count": len(fit_excluded), "sha256": instruments_hash(fit_excluded)}
+    return settings
+
+
+def settings_fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def instruments_hash(instruments: Iterable[str]) -> str:
+    """Hash of a set of instrument codes (order and duplicates do not matter)."""
+    return hashlib.sha256("\n".join(sorted(set(instruments))).encode()).hexdigest()[:16]
+
+
+def _checked_exclusions(source, instruments: Iterable[str]) -> list[str]:
+    if isinstance(instruments, str):  # a lone code would otherwise be split into characters
+        instruments = [instruments]
+    excluded = sorted({str(code) for code in instruments})
+    unknown = sorted(set(excluded) - set(map(str, source.instruments)))
+    if unknown:
+        raise ConfigError(f"fit_exclude_instruments: {len(unknown)} code(s) not in {source.name}, e.g. "
+                          f"{unknown[:3]}; expected instruments of the source")
+    return excluded
+
+
+def source_open_args(source) -> dict | None:
+    """How to reopen `source` (its open_args(), see bars.BarSource), recorded in the manifest so
+    that data/reopen.py can rebuild the data set; None for in-memory sources."""
+    describe = getattr(source, "open_args", None)
+    return describe() if callable(describe) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------
+
+def _build(source, tmp: Path, splits: Splits, seq_len, feature_set, shard_rows, chunk_size, progress,
+           fit_excluded: list[str]) -> dict:
     features = list(FEATURE_SETS[feature_set])
     calendar = np.asarray(source.calendar, dtype="datetime64[D]")
     first_window_day = calendar[max(0, int(np.searchsorted(calendar, splits.train[0])) - (seq_len - 1))]
@@ -176,7 +231,7 @@ def _build(source, tmp: Path, splits: Splits, seq_len, feature_set, shard_rows, 
     raw = ds.dataset(tmp / "raw", format="parquet")
     raw_bytes = _dir_bytes(tmp / "raw")
 
-    stats = _fit_normalisation(raw, features, splits)
+    stats = _fit_normalisation(raw, features, splits, fit_excluded)
     shards, universe = _write_shards(raw, tmp, features, splits, seq_len, shard_rows, stats, calendar, progress)
     shard_bytes = sum(entry["bytes"] for entry in shards)
     rows_stored = sum(entry["n_rows"] for entry in shards)
@@ -204,9 +259,19 @@ def _build(source, tmp: Path, splits: Splits, seq_len, feature_set, shard_rows, 
             "DropnaLabel(train)",
             "CSRankNorm(label -> label_norm)",
         ],
-        "normalization": {**stats.to_json(), "fit_start": str(splits.train[0]), "fit_end": str(splits.train[1])},
+        "normalization": {
+            **stats.to_json(),
+            "fit_start": str(splits.train[0]),
+            "fit_end": str(splits.train[1]),
+            "fit_excluded_instruments": {
+                "count": len(fit_excluded),
+                "sha256": instruments_hash(fit_excluded),
+                "instruments": fit_excluded if len(fit_excluded) <= EXCLUDED_LIST_LIMIT else None,
+            },
+        },
         "label_purge": f"labels whose {LABEL_HORIZON_DAYS}-day horizon crosses a split end are dropped (train, valid)",
-        "source": {"name": source.name, "fingerprint": source.fingerprint()},
+        "source": {"name": source.name, "fingerprint": source.fingerprint(), "open": source_open_args(source),
+                   "membership": "point-in-time" if source.membership is not None else "every stock with data"},
         "oracle": "oracle.parquet" if oracle_parts else None,
         "shards": shards,
         "disk": {
@@ -272,19 +337,24 @@ def _oracle_frame(source, bars: pd.DataFrame, splits: Splits) -> pd.DataFrame | 
     return oracle.loc[keep].reset_index(drop=True)
 
 
-def _fit_normalisation(raw: ds.Dataset, features: list[str], splits: Splits):
-    """RobustZScoreNorm statistics from the training span's universe rows only (no look-ahead)."""
+def _fit_normalisation(raw: ds.Dataset, features: list[str], splits: Splits, excluded: list[str] = ()):
+    """RobustZScoreNorm statistics from the training span's universe rows only (no look-ahead),
+    without the rows of the `excluded` instruments."""
     train_rows = (
         (ds.field("date") >= pa.scalar(splits.train[0].astype("datetime64[ms]")))
         & (ds.field("date") <= pa.scalar(splits.train[1].astype("datetime64[ms]")))
         & ds.field("in_universe")
     )
+    if len(excluded):
+        train_rows &= ~ds.field("instrument").isin(pa.array(list(excluded), type=pa.string()))
     columns = {}
     for name in features:  # one column at a time keeps memory at one float column of the train span
         columns[name] = raw.to_table(columns=[name], filter=train_rows).column(name).to_numpy(zero_copy_only=False)
         columns[name] = columns[name].astype(np.float32)
     if not columns or len(next(iter(columns.values()))) == 0:
-        raise DataError(f"--train {splits.train[0]}..{splits.train[1]}: no universe stock-days to fit the normalisation on")
+        without = f" without the {len(excluded)} excluded instrument(s)" if len(excluded) else ""
+        raise DataError(f"--train {splits.train[0]}..{splits.train[1]}: no universe stock-days{without} to fit "
+                        "the normalisation on")
     return fit_robust_zscore(columns)
 
 
@@ -391,7 +461,9 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _existing_manifest(out_dir: Path) -> dict | None:
+def existing_manifest(out_dir: Path) -> dict | None:
+    """The manifest of the data set in out_dir; None when there is none yet (refuses a non-empty
+    folder that is not a data set, so prepare never overwrites someone's files)."""
     path = out_dir / MANIFEST_NAME
     if not out_dir.exists():
         return None

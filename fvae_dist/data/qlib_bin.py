@@ -58,6 +58,12 @@ class QlibBinSource:
             if frames:
                 yield pd.concat(frames, ignore_index=True)
 
+    def open_args(self) -> dict:
+        membership = Path(self._membership_path).resolve()
+        own_market_file = (self.root / "instruments" / f"{self.market}.txt").resolve()
+        return {"spec": str(self.root), "market": self.market,
+                "membership": None if membership == own_market_file else str(membership)}
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             files = [self.root / "calendars" / "day.txt", self._membership_path]

@@ -145,6 +145,13 @@ class SyntheticMarket:
         text = f"{self.name}|v{GENERATOR_VERSION}|{sorted(asdict(self.params).items())}"
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
+    def open_args(self) -> dict | None:
+        if self.params != SyntheticParams():  # a spec string cannot carry custom generator parameters
+            return None
+        spec = (f"synthetic:stocks={self.n_stocks},days={self.n_days},seed={self.seed},"
+                f"k={self.n_factors},start={self.calendar[0]}")
+        return {"spec": spec, "market": "all", "membership": None}
+
     # -- extras ------------------------------------------------------------------------------------
     def true_expected_returns(self, chunk_or_instruments) -> pd.DataFrame:
         """The generator's E[y_t | information at t], y_t = close[t+2]/close[t+1] - 1.

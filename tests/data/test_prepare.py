@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fvae_dist.data import prepare as prepare_module
+from fvae_dist.data import reopen
 from fvae_dist.data.features import ALPHA158_20, features_frame
 from fvae_dist.data.prepare import prepare_dataset
 from fvae_dist.data.shards import collate_days, iter_shard_days, load_manifest, shard_entries
@@ -200,3 +201,113 @@ def test_excluded_stocks_leave_no_trace_in_the_training_target(tmp_path, bars):
     # the target is the CSRankNorm among the remaining stocks only
     ranks = pd.Series(kept.label).rank(pct=True).to_numpy()
     np.testing.assert_allclose(kept.y, (ranks - 0.5) * 3.46, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- fit exclusion
+
+def _held_out(bars, n=6):
+    # every 5th stock lists late; take a mix so the excluded rows really move the statistics
+    return sorted(bars["instrument"].unique())[:n]
+
+
+def test_fit_without_some_stocks_equals_a_fit_on_a_source_without_them(tmp_path, bars):
+    held = _held_out(bars)
+    full = _prepare(FrameSource(bars), tmp_path / "full").manifest["normalization"]
+    fitted = _prepare(FrameSource(bars), tmp_path / "excl", fit_exclude_instruments=held).manifest
+    # features are per-stock time series, so dropping the stocks from the source changes no other row
+    lacking = _prepare(FrameSource(bars[~bars["instrument"].isin(held)]), tmp_path / "lacking").manifest
+    stats = fitted["normalization"]
+    assert stats["median"] == lacking["normalization"]["median"]
+    assert stats["scale"] == lacking["normalization"]["scale"]
+    assert any(stats["median"][name] != full["median"][name] for name in ALPHA158_20)
+    assert stats["fit_excluded_instruments"]["count"] == len(held)
+    assert stats["fit_excluded_instruments"]["instruments"] == held
+    assert fitted["settings"]["fit_exclude_instruments"]["sha256"] == stats["fit_excluded_instruments"]["sha256"]
+    # the shards still hold the excluded stocks, normalised with the statistics fitted without them
+    test_days = [s for e in shard_entries(fitted, "test") for s in iter_shard_days(tmp_path / "excl", e, drop_nan_label=False)]
+    assert set(held) <= {code for s in test_days for code in s.instruments}
+    raw = features_frame(bars, calendar=FrameSource(bars).calendar).set_index(["date", "instrument"])
+    sample = test_days[0]
+    row = list(sample.instruments).index(held[0])
+    for c, name in enumerate(fitted["features"]):
+        value = raw.loc[(pd.Timestamp(sample.date), held[0]), name]
+        expected = np.clip((value - stats["median"][name]) / stats["scale"][name], -3, 3) if np.isfinite(value) else 0
+        assert sample.x[row, -1, c] == pytest.approx(expected, abs=1e-5), name
+
+
+def test_fit_exclusion_is_part_of_the_fingerprint(tmp_path, bars):
+    source = FrameSource(bars)
+    held = _held_out(bars)
+    plain = _prepare(source, tmp_path / "plain").manifest["fingerprint"]
+    first = _prepare(source, tmp_path / "ds", fit_exclude_instruments=held)
+    assert not first.reused and first.manifest["fingerprint"] != plain
+    stamp = (tmp_path / "ds" / "manifest.json").stat().st_mtime_ns
+    same = _prepare(source, tmp_path / "ds", fit_exclude_instruments=list(reversed(held)) + held[:1])
+    assert same.reused and (tmp_path / "ds" / "manifest.json").stat().st_mtime_ns == stamp
+    other = _prepare(source, tmp_path / "ds", fit_exclude_instruments=held[1:])
+    assert not other.reused and other.manifest["normalization"]["fit_excluded_instruments"]["count"] == len(held) - 1
+    none = _prepare(source, tmp_path / "ds")
+    assert not none.reused and none.manifest["fingerprint"] == plain
+    with pytest.raises(ConfigError, match="NOPE"):
+        _prepare(source, tmp_path / "ds", fit_exclude_instruments=["NOPE"])
+
+
+def _long_table(bars, path):
+    bars.sort_values(["instrument", "date"]).to_parquet(path, index=False)
+    return path
+
+
+def test_prepare_like_rebuilds_from_the_recorded_source(tmp_path, bars, monkeypatch):
+    from fvae_dist.data.bars import open_source
+
+    table = _long_table(bars, tmp_path / "bars.parquet")
+    base = _prepare(open_source(str(table)), tmp_path / "base").manifest
+    assert base["settings"]["source_open"] == {"spec": str(table.resolve()), "market": "all", "membership": None}
+    held = _held_out(bars)
+    like = reopen.prepare_like(tmp_path / "base", tmp_path / "like", fit_exclude_instruments=held)
+    direct = _prepare(open_source(str(table)), tmp_path / "direct", fit_exclude_instruments=held)
+    assert not like.reused and like.manifest["fingerprint"] == direct.manifest["fingerprint"]
+    assert like.manifest["normalization"] == direct.manifest["normalization"]
+    assert [e["n_rows"] for e in like.manifest["shards"]] == [e["n_rows"] for e in base["shards"]]
+
+    # a rerun is a no-op that does not even open (scan) the source
+    monkeypatch.setattr(reopen, "open_manifest_source", lambda *_: pytest.fail("source opened"))
+    again = reopen.prepare_like(tmp_path / "base", tmp_path / "like", fit_exclude_instruments=held)
+    assert again.reused
+    monkeypatch.undo()
+
+    table.rename(tmp_path / "moved.parquet")
+    with pytest.raises(ConfigError, match=r"base/manifest.json.*bars.parquet no longer exists"):
+        reopen.prepare_like(tmp_path / "base", tmp_path / "other", fit_exclude_instruments=held[:2])
+
+
+def test_prepare_like_refuses_a_source_it_cannot_reopen_or_that_changed(tmp_path, bars):
+    from fvae_dist.data.bars import open_source
+
+    _prepare(FrameSource(bars), tmp_path / "frame")
+    with pytest.raises(ConfigError, match=r"frame/manifest.json: records no way to reopen"):
+        reopen.prepare_like(tmp_path / "frame", tmp_path / "out", fit_exclude_instruments=["SH600000"])
+    table = _long_table(bars, tmp_path / "bars.parquet")
+    _prepare(open_source(str(table)), tmp_path / "base")
+    changed = bars.copy()
+    changed["volume"] *= 2.0
+    _long_table(changed, table)
+    with pytest.raises(ConfigError, match="changed since the data set was prepared"):
+        reopen.prepare_like(tmp_path / "base", tmp_path / "out", fit_exclude_instruments=["SH600000"])
+
+
+def test_synthetic_and_membership_sources_reopen_with_the_same_fingerprint(tmp_path, bars):
+    from fvae_dist.data.bars import open_source
+
+    for source in (open_source("synthetic:stocks=7,days=50,seed=3"),):
+        args = source.open_args()
+        assert open_source(**args).fingerprint() == source.fingerprint()
+    table = _long_table(bars, tmp_path / "bars.parquet")
+    codes = sorted(bars["instrument"].unique())
+    pd.DataFrame({"instrument": codes[:10], "start_date": "2020-01-01", "end_date": "2030-01-01"}).to_csv(
+        tmp_path / "demo_membership.csv", index=False)
+    for source in (open_source(str(table), market="demo"),
+                   open_source(str(table), membership=str(tmp_path / "demo_membership.csv"))):
+        args = source.open_args()
+        reopened = open_source(**args)
+        assert reopened.fingerprint() == source.fingerprint() and reopened.instruments == codes[:10]
