@@ -3,7 +3,8 @@
 A preset in `tune_configs/` maps 1:1 onto `ExperimentConfig`:
 
     data:  {dataset_dir: ..., batch_days: 1, ...}      -> DataConfig
-    model: {hidden_size: 64, num_factors: 8, ...}      -> FactorVAEConfig (models/factorvae.py)
+    model: {name: factorvae, hidden_size: 64, ...}     -> ModelConfig (models/registry.py: FactorVAEConfig
+                                                          plus model.name and the baselines' settings)
     train: {epochs: 40, lr: 3.0e-4, ...}               -> TrainConfig
     ray:   {num_workers: 2, cpus_per_worker: 0.5, ...} -> RayConfig
 
@@ -28,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from fvae_dist.errors import ConfigError
-from fvae_dist.models.factorvae import FactorVAEConfig
+from fvae_dist.models.registry import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -92,8 +93,9 @@ class TrainConfig:
     warmup_epochs: int = 0
     """Epochs of linear warm-up from lr / (warmup_epochs + 1) to lr before the schedule starts."""
 
-    lr_min_ratio: float = 0.0
-    """"cosine" only: the final learning rate as a fraction of lr."""
+    lr_min_ratio: float = 0.1
+    """"cosine" only: the final learning rate as a fraction of lr. Not 0: the cosine reaches its
+    end at the last epoch, which would then train with a learning rate of 0."""
 
     lr_step_epochs: int = 10
     """"step" only: epochs between decays."""
@@ -205,7 +207,7 @@ class ExperimentConfig:
     """Everything one training run depends on; resolved and saved as <run>/config.yaml."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: FactorVAEConfig = field(default_factory=FactorVAEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -218,7 +220,7 @@ class ExperimentConfig:
         return Path(self.ray.storage_path) / self.ray.run_name
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": FactorVAEConfig, "train": TrainConfig, "ray": RayConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "ray": RayConfig}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ from fvae_dist.data.shards import load_manifest, manifest_hash, shard_entries
 from fvae_dist.errors import ConfigError, DataError, FvaeError
 from fvae_dist.evaluate.metrics import daily_ic, read_predictions, summarize_ic
 from fvae_dist.evaluate.report import fmt_mean_std, markdown_table, mean_std
+from fvae_dist.models.factorvae import VARIANTS
+from fvae_dist.models.registry import MODEL_NAMES, model_label
 from fvae_dist.train.predict import predict_split
 from fvae_dist.train.trainer import ensure_ray, train
 
@@ -94,11 +96,11 @@ class ModelChoice:
     overrides: Mapping[str, Any]
 
 
-# Only models this package can train. A baseline (GRU, ...) joins here once it exists.
+# Table 2's rows: FactorVAE's variants (keyed by variant) and the paper's baselines (by name).
 MODELS: dict[str, ModelChoice] = {
-    "factorvae": ModelChoice("FactorVAE", {"model.variant": "factorvae"}),
-    "prior": ModelChoice("FactorVAE-prior", {"model.variant": "prior"}),
-    "port": ModelChoice("FactorVAE-port", {"model.variant": "port"}),
+    **{variant: ModelChoice(model_label("factorvae", variant), {"model.name": "factorvae", "model.variant": variant})
+       for variant in VARIANTS},
+    **{name: ModelChoice(model_label(name), {"model.name": name}) for name in MODEL_NAMES if name != "factorvae"},
 }
 
 

@@ -7,6 +7,10 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
   * a plain single-process loop without Ray (days already decoded in memory, collate + step),
     fp32 vs bf16, 1 vs 4 days per step, 1 thread and all-cores threads
   * Ray Train (the real `train()`, DDP, Ray Data input) with 1 and 2 workers, same variants
+  * the GRU alone (forward + backward at S=300): torch.nn.GRU against models/fused_gru.py,
+    fp32 and bf16, and the plain loop with each of them (model.fused_gru=false/true)
+  * what bf16 does to quality: test Rank IC of the demo configuration trained in fp32 and in
+    bf16 with the same seeds (Ray Train, 2 workers)
   * Ray's overhead against the plain loop at the same core count, the fraction of the epoch the
     workers wait for input, achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one
     training step) against the matmul ceiling, and the per-core rate against the 20,000
@@ -32,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from fvae_dist.config import load_config, write_text_atomic  # noqa: E402
 from fvae_dist.data.shards import collate_days, iter_shard_days, load_manifest, shard_entries  # noqa: E402
+from fvae_dist.train.cpu_memory import keep_freed_memory  # noqa: E402
 
 TARGET_PER_CORE = 20_000
 WORK = REPO / ".bench" / "train"
@@ -43,7 +48,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "train.json"))
     parser.add_argument("--dataset", default=None, help="a prepared data set to use instead of generating one")
     parser.add_argument("--skip-ray", action="store_true", help="only the plain loop and the matmul ceiling")
+    parser.add_argument("--skip-quality", action="store_true", help="skip the fp32-vs-bf16 Rank IC runs")
     args = parser.parse_args()
+    keep_freed_memory()  # as the training workers do
 
     cores = os.cpu_count() or 1
     dataset = Path(args.dataset) if args.dataset else prepare_market(days=320 if args.quick else 600)
@@ -54,13 +61,16 @@ def main() -> None:
     print(f"data: {len(days)} train days, mean N {mean_n:.0f}; {flops / 1e6:.2f} MFLOP per stock-day (train step)")
     print(f"matmul 2048^2 fp32 ceiling: {ceiling}")
 
-    plain_variants = [(p, d, t) for t in sorted({1, cores}) for p in ("fp32", "bf16") for d in (1, 4)]
+    gru = gru_kernels(repeats=2 if args.quick else 3)
+
+    plain_variants = [(p, d, t, True) for t in sorted({1, cores}) for p in ("fp32", "bf16") for d in (1, 4)]
+    plain_variants.insert(1, ("fp32", 1, 1, False))  # the same step with torch.nn.GRU
     if args.quick:
         plain_variants = [v for v in plain_variants if v[2] == 1 or (v[0] == "fp32" and v[1] == 1)]
     # This machine may be shared: each variant runs `repeats` times, interleaved, and keeps its best.
     repeats = 2 if args.quick else 3
-    runs = [[plain_loop(days, precision=p, batch_days=d, threads=t, max_steps=12 if args.quick else 40)
-             for p, d, t in plain_variants] for _ in range(repeats)]
+    runs = [[plain_loop(days, precision=p, batch_days=d, threads=t, fused_gru=f, max_steps=12 if args.quick else 40)
+             for p, d, t, f in plain_variants] for _ in range(repeats)]
     plain = [max(attempts, key=lambda row: row["stock_days_per_s"]) for attempts in zip(*runs)]
     for row, attempts in zip(plain, zip(*runs)):
         row["attempts_stock_days_per_s"] = [a["stock_days_per_s"] for a in attempts]
@@ -77,6 +87,9 @@ def main() -> None:
         for workers, precision, batch_days in ray_variants:
             ray_results.append(ray_run(dataset, workers, precision, batch_days, cores, epochs=2 if args.quick else 3))
         ray.shutdown()
+    quality = None
+    if not (args.skip_ray or args.skip_quality):
+        quality = precision_quality(dataset, seeds=(0,) if args.quick else (0, 1))
 
     for row in plain + ray_results:
         row["gflops"] = row["stock_days_per_s"] * flops / 1e9
@@ -92,10 +105,12 @@ def main() -> None:
         "train_flops_per_stock_day": flops,
         "matmul_ceiling_gflops": ceiling,
         "target_stock_days_per_s_per_core": TARGET_PER_CORE,
+        "gru_forward_backward": gru,
         "plain_loop": plain,
         "ray_train": ray_results,
         "ray_overhead_vs_plain": overhead,
         "ray_data_input_only": data_only,
+        "precision_quality": quality,
         "load_average_1m_at_end": os.getloadavg()[0],
         "quick": args.quick,
     }
@@ -157,16 +172,51 @@ def matmul_gflops(threads: int, size: int = 2048, repeats: int = 6) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# The GRU alone
+# ----------------------------------------------------------------------------------------------
+
+def gru_kernels(repeats: int, stocks: int = 300, steps: int = 20, hidden: int = 64) -> list:
+    """Forward + backward of eq. 4's GRU on one day's stocks: torch.nn.GRU vs models/fused_gru.py."""
+    from fvae_dist.models.fused_gru import gru_last_hidden
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(hidden, hidden, batch_first=True)
+    x = torch.randn(stocks, steps, hidden, requires_grad=True)
+    weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    kernels = {"torch.nn.GRU": lambda: gru(x)[1][0], "fused": lambda: gru_last_hidden(x, *weights)}
+    rows = []
+    for precision in ("fp32", "bf16"):
+        best = {name: float("inf") for name in kernels}
+        for _ in range(repeats):  # interleaved, best of: the machine may be shared
+            for name, forward in kernels.items():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    for _ in range(3):
+                        forward().sum().backward()
+                    started = time.perf_counter()
+                    for _ in range(20):
+                        forward().sum().backward()
+                best[name] = min(best[name], (time.perf_counter() - started) / 20)
+        for name, seconds in best.items():
+            rows.append({"gru": name, "precision": precision, "stocks": stocks, "ms": 1e3 * seconds,
+                         "stock_days_per_s": stocks / seconds,
+                         "speedup_vs_torch": best["torch.nn.GRU"] / seconds})
+            print(f"gru    {name:13s} {precision}: {1e3 * seconds:.2f} ms fwd+bwd, "
+                  f"{best['torch.nn.GRU'] / seconds:.2f}x torch.nn.GRU")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Plain loop: no Ray, no DDP, the same model, optimizer and precision switch
 # ----------------------------------------------------------------------------------------------
 
-def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max_steps: int) -> dict:
+def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max_steps: int, fused_gru: bool = True) -> dict:
     from fvae_dist.models.factorvae import build_model
     from fvae_dist.train.engine import DDPEngine
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = model_config(precision, batch_days)
+    cfg = model_config(precision, batch_days, (f"model.fused_gru={str(fused_gru).lower()}",))
     engine = DDPEngine(build_model(cfg.model), cfg, torch.device("cpu"), world_size=1)
     order = np.random.default_rng(0).permutation(len(days))
     groups = [order[i : i + batch_days] for i in range(0, len(order) - batch_days + 1, batch_days)]
@@ -187,9 +237,10 @@ def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max
             steps += 1
     total = data_s + step_s
     row = {"kind": "plain", "precision": precision, "batch_days": batch_days, "threads": threads, "cores": threads,
+           "gru": "fused" if fused_gru else "torch.nn.GRU",
            "steps": steps, "stock_days_per_s": stock_days / total, "data_wait_fraction": data_s / total,
            "step_ms": 1e3 * step_s / steps}
-    print(f"plain  threads={threads} {precision} D={batch_days}: {row['stock_days_per_s']:,.0f} stock-days/s "
+    print(f"plain  threads={threads} {precision} D={batch_days} gru={row['gru']}: {row['stock_days_per_s']:,.0f} stock-days/s "
           f"(data {100 * row['data_wait_fraction']:.1f}%)")
     return row
 
@@ -233,6 +284,33 @@ def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores:
     return row
 
 
+def precision_quality(dataset: Path, seeds: tuple) -> dict:
+    """Test Rank IC of the demo configuration trained in fp32 and in bf16 with the same seeds."""
+    import ray
+
+    from fvae_dist.train.trainer import train
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    rows = []
+    for seed in seeds:
+        for precision in ("fp32", "bf16"):
+            name = f"quality-{precision}-seed{seed}"
+            shutil.rmtree(WORK / "runs" / name, ignore_errors=True)
+            cfg = load_config(REPO / "tune_configs" / "demo.yaml", [
+                f"data.dataset_dir={dataset}", f"train.precision={precision}", f"train.seed={seed}",
+                f"ray.storage_path={WORK / 'runs'}", f"ray.run_name={name}", "train.keep_checkpoints=1"])
+            started = time.perf_counter()
+            final = train(cfg).metrics["final"]
+            rows.append({"precision": precision, "seed": seed, "test_rank_ic": final["test"]["rank_ic"],
+                         "test_rank_icir": final["test"]["rank_icir"], "valid_rank_ic": final["valid"]["rank_ic"],
+                         "wall_s": time.perf_counter() - started})
+            print(f"quality {precision} seed {seed}: test Rank IC {rows[-1]['test_rank_ic']:.4f}")
+    ray.shutdown()
+    mean = {p: float(np.mean([r["test_rank_ic"] for r in rows if r["precision"] == p])) for p in ("fp32", "bf16")}
+    return {"config": "tune_configs/demo.yaml", "runs": rows, "mean_test_rank_ic": mean,
+            "bf16_minus_fp32": mean["bf16"] - mean["fp32"]}
+
+
 def ray_data_only(dataset: Path) -> dict:
     """How fast one consumer pulls days out of the materialised Ray Dataset (no model step):
     the input pipeline's ceiling, to compare with the step rate."""
@@ -259,7 +337,7 @@ def ray_overhead(plain: list, ray_results: list) -> list:
     rows = []
     for r in ray_results:
         match = [p for p in plain if p["threads"] == r["cores"] and p["precision"] == r["precision"]
-                 and p["batch_days"] == r["batch_days"]]
+                 and p["batch_days"] == r["batch_days"] and p["gru"] == "fused"]
         if match:
             rows.append({"workers": r["workers"], "cores": r["cores"], "precision": r["precision"],
                          "batch_days": r["batch_days"], "plain_stock_days_per_s": match[0]["stock_days_per_s"],
@@ -272,7 +350,7 @@ def print_table(plain: list, ray_results: list, overhead: list) -> None:
     print(f"\n{'run':34s} {'stock-days/s':>13s} {'per core':>9s} {'data wait':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
     for row in plain + ray_results:
         label = (f"plain threads={row['threads']}" if row["kind"] == "plain" else f"ray workers={row['workers']}")
-        label += f" {row['precision']} D={row['batch_days']}"
+        label += f" {row['precision']} D={row['batch_days']}" + (" nn.GRU" if row.get("gru") == "torch.nn.GRU" else "")
         print(f"{label:34s} {row['stock_days_per_s']:13,.0f} {row['stock_days_per_s_per_core']:9,.0f} "
               f"{100 * row['data_wait_fraction']:8.1f}% {row['gflops']:8.1f} {100 * row['fraction_of_matmul_ceiling']:7.1f}%")
     for row in overhead:

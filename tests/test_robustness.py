@@ -29,7 +29,7 @@ from fvae_dist.data.prepare import prepare_dataset
 from fvae_dist.data.shards import iter_shard_days, load_manifest, manifest_hash, shard_entries
 from fvae_dist.errors import ConfigError, DataError
 from fvae_dist.evaluate.report import build_report
-from fvae_dist.robustness import (RunSpec, draw_held_out, resolve_models, run_one, run_robustness, scorable_instruments,
+from fvae_dist.robustness import (MODELS, RunSpec, draw_held_out, resolve_models, run_one, run_robustness, scorable_instruments,
                                   score_held_out)
 from tests.data.frame_source import random_walk_bars
 from tests.train.toy_dataset import write_toy_dataset
@@ -137,14 +137,25 @@ def recorded(record_dir: Path, run: str) -> dict[str, set[str]]:
 # ---------------------------------------------------------------------------------------------- fast checks
 
 def test_unknown_model_is_refused_with_the_known_names():
-    with pytest.raises(ConfigError, match=r"gru.*factorvae"):
-        resolve_models(["factorvae", "gru"])
+    with pytest.raises(ConfigError, match=r"lstm.*factorvae"):
+        resolve_models(["factorvae", "lstm"])
     assert resolve_models(["port", "factorvae", "port"]) == ["port", "factorvae"]
+    assert resolve_models(["factorvae", "gru", "ca"]) == ["factorvae", "gru", "ca"]  # the baselines
+
+
+def test_every_model_choice_selects_a_buildable_model():
+    from fvae_dist.config import load_config
+    from fvae_dist.models.registry import build_model
+
+    assert {"factorvae", "prior", "port", "linear", "ca", "gru", "alstm", "gat", "trans", "sfm"} <= set(MODELS)
+    for choice in MODELS.values():
+        cfg = load_config(None, [f"{k}={v}" for k, v in choice.overrides.items()])
+        build_model(cfg.model)  # raises for a name or variant that does not exist
 
 
 def test_cli_reports_unknown_model_as_an_error(capsys):
-    assert cli.main(["robustness", "--m", "5", "--models", "gru", "--seeds", "1"]) == 2
-    assert "gru" in capsys.readouterr().err
+    assert cli.main(["robustness", "--m", "5", "--models", "lstm", "--seeds", "1"]) == 2
+    assert "lstm" in capsys.readouterr().err
 
 
 def test_draws_are_seeded_nested_and_bounded():

@@ -9,6 +9,7 @@ from fvae_dist.evaluate.backtest import (
     bars_window,
     load_bars,
     load_benchmark,
+    require_risk_estimate,
     run_backtest,
     write_result,
 )
@@ -88,12 +89,15 @@ def format_summary(summary: dict) -> str:
 
 def run(args) -> int:
     predictions = read_predictions(args.predictions)
+    if args.strategy in ("tdrisk", "both") and "sigma" in predictions.columns:
+        require_risk_estimate(predictions, str(args.predictions))  # before the bars are read
     start, end = bars_window(predictions)
     bars = load_bars(args.bars, predictions["instrument"].unique(), start, end)
     benchmark = load_benchmark(args.benchmark, args.benchmark_code, start, end)
     strategies = ["topk_drop", "tdrisk"] if args.strategy == "both" else [args.strategy]
     for strategy in strategies:
-        result = run_backtest(predictions, bars, benchmark, config_from_args(args, strategy), args.benchmark_code)
+        result = run_backtest(predictions, bars, benchmark, config_from_args(args, strategy), args.benchmark_code,
+                              source=str(args.predictions))
         print(format_summary(result.summary))
         if args.out:
             daily_path, summary_path = write_result(result, Path(args.out))

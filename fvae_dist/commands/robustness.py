@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="repetitions per m: seeds 0 .. SEEDS-1 (the draw and "
                         "train.seed + seed)")
     parser.add_argument("--models", nargs="+", default=["factorvae"], metavar="MODEL",
-                        help="rows of the table: factorvae, prior, port (the models fvae_dist.robustness.MODELS knows)")
+                        help="rows of the table: factorvae, prior, port (FactorVAE and its variants) and the baselines "
+                             "linear, ca, gru, alstm, gat, trans, sfm (fvae_dist.robustness.MODELS)")
     parser.add_argument("--out", help="parent of the robustness/ folder; None means ray.storage_path")
     parser.add_argument("--max-parallel", type=int, default=0,
                         help="runs in flight at once; 0 = as many as the cluster fits (more is capped)")

@@ -125,10 +125,13 @@ def _normalise_dates(values) -> pd.Series:
     return pd.to_datetime(pd.Series(values)).dt.normalize().astype("datetime64[ns]")
 
 
-def strategy_scores(predictions: pd.DataFrame, config: BacktestConfig) -> pd.DataFrame:
-    """date, instrument, score: the ranking key of the configured strategy, validated."""
+def strategy_scores(predictions: pd.DataFrame, config: BacktestConfig, source: str = "predictions") -> pd.DataFrame:
+    """date, instrument, score: the ranking key of the configured strategy, validated.
+    `source` names the predictions (their file) in errors."""
     needed = ["date", "instrument", "mu"] + (["sigma"] if config.strategy == "tdrisk" else [])
     require_columns(predictions, needed, "predictions")
+    if config.strategy == "tdrisk":
+        require_risk_estimate(predictions, source)
     frame = pd.DataFrame(
         {
             "date": _normalise_dates(predictions["date"]).to_numpy(),
@@ -159,6 +162,18 @@ def strategy_scores(predictions: pd.DataFrame, config: BacktestConfig) -> pd.Dat
     if frame.empty:
         raise DataError("predictions: no rows with a finite score")
     return frame.reset_index(drop=True)
+
+
+def require_risk_estimate(predictions: pd.DataFrame, source: str = "predictions") -> None:
+    """TDrisk ranks by mu - eta * sigma: refuse predictions whose sigma is NaN in every row, which
+    is how the point-forecast baselines (models/baselines) say they have no risk estimate."""
+    sigma = pd.to_numeric(predictions["sigma"], errors="coerce")
+    if len(sigma) and sigma.isna().all():
+        raise ConfigError(
+            f"{source}: sigma is NaN in every row, so the model that wrote these predictions has no risk "
+            "estimate (the baselines predict mu only); TDrisk ranks by mu - eta * sigma and needs a model "
+            "that predicts sigma (FactorVAE). Use the topk_drop strategy for this file."
+        )
 
 
 def benchmark_close(benchmark: pd.DataFrame, code: str | None) -> pd.Series:
@@ -302,10 +317,13 @@ def run_backtest(
     benchmark: pd.DataFrame,
     config: BacktestConfig = BacktestConfig(),
     benchmark_code: str | None = "SH000300",
+    *,
+    source: str = "predictions",
 ) -> BacktestResult:
-    """Simulate the strategy day by day; see the module docstring for timing and rules."""
+    """Simulate the strategy day by day; see the module docstring for timing and rules.
+    `source` names the predictions (their file) in errors."""
     config = config.validate()
-    scores = strategy_scores(predictions, config)
+    scores = strategy_scores(predictions, config, source)
     require_columns(bars, BAR_COLUMNS, "bars")
     bench = benchmark_close(benchmark, benchmark_code)
 

@@ -1,6 +1,7 @@
 """The paper's tables and figures from run folders: report.md, report.json and PNG plots.
 
-A run folder (written by training) holds config.yaml (with `model.name` or `name`, and `seed`),
+A run folder (written by training) holds config.yaml (with `model.name` or `name`, and `seed`;
+registry names print as the paper's labels: FactorVAE by its variant, "GRU", "Trans", ...),
 metrics.json, predictions/<split>.parquet (date, instrument, mu, sigma, label) and
 manifest_hash.txt; optionally backtest/<strategy>_{daily.csv,summary.json} from `fvae-dist backtest`.
 Runs are grouped by model name; "mean (std)" is over the group's runs (seeds), std with ddof=1.
@@ -8,7 +9,8 @@ Runs are grouped by model name; "mean (std)" is over the group's runs (seeds), s
 Table 1: Rank IC and Rank ICIR per model (from the predictions; metrics.json when they are absent).
 Table 2: robustness, from a robustness/results.csv (model, m, seed, rank_ic, rank_icir).
 Table 3: AR, SR (information ratio) and MDD of the excess return over the benchmark, without and
-with costs, for TopK-Drop and, where the model predicts sigma, TDrisk; Qlib's summed convention
+with costs, for TopK-Drop and, where the model predicts sigma, TDrisk (a note names the runs
+without one, e.g. the point-forecast baselines, whose sigma is NaN); Qlib's summed convention
 and a compounded variant. Backtests found in the run folders are used; otherwise they are run
 here when bars and a benchmark are given (and written under <out>/backtests/), else the table is
 left out with a note.
@@ -46,6 +48,7 @@ from fvae_dist.evaluate.backtest import (
     write_result,
 )
 from fvae_dist.evaluate.metrics import daily_ic, read_predictions, realised_label, require_columns, summarize_ic
+from fvae_dist.models.registry import model_label
 
 STRATEGY_SUFFIX = {"topk_drop": "", "tdrisk": " (TDrisk)"}
 ROBUSTNESS_COLUMNS = ["model", "m", "seed", "rank_ic", "rank_icir"]
@@ -91,11 +94,12 @@ def _model_and_seed(config: dict, path: Path) -> tuple[str, int | None]:
     model = config.get("model")
     name = model.get("name") if isinstance(model, dict) else None
     name = name or config.get("name")
-    if not name and isinstance(model, dict) and model.get("variant"):
-        # training configs name the model by its FactorVAE variant, as the paper's tables do
-        name = {"factorvae": "FactorVAE", "prior": "FactorVAE-prior", "port": "FactorVAE-port"}.get(
-            model["variant"], model["variant"]
-        )
+    variant = model.get("variant") if isinstance(model, dict) else None
+    if not name and variant:
+        name = "factorvae"  # a training config from before model.name existed
+    if name:
+        # as the paper's tables do: FactorVAE by its variant, baselines as "GRU", "Trans", ...
+        name = model_label(name, variant)
     if not name:
         raise DataError(f"{path}: no `model.name`, `model.variant` or `name` in config.yaml")
     seed = config.get("seed")
@@ -146,6 +150,24 @@ def attach_signal_metrics(run: RunRecord, split: str) -> None:
     rank_icir = _metric_from_json(run.metrics, split, "rank_icir")
     if rank_ic is not None:
         run.signal = {"rank_ic": rank_ic, "rank_icir": rank_icir if rank_icir is not None else math.nan, "source": "metrics.json"}
+
+
+def _no_risk_estimate(run: RunRecord) -> bool:
+    """A run whose predictions carry no sigma at all (a point-forecast baseline: all NaN)."""
+    if run.predictions is None:
+        return False
+    if "sigma" not in run.predictions.columns:
+        return True
+    return bool(pd.to_numeric(run.predictions["sigma"], errors="coerce").isna().all())
+
+
+def _no_sigma_note(runs: list[RunRecord], what: str) -> list[str]:
+    """A note line naming the runs skipped for `what` because they predict no sigma."""
+    skipped = [r for r in runs if _no_risk_estimate(r)]
+    if not skipped:
+        return []
+    names = ", ".join(f"{r.label} ({r.path})" for r in skipped)
+    return [f"_{what} skipped for runs without a risk estimate (sigma is NaN; point-forecast baselines): {names}._", ""]
 
 
 def _usable_sigma(predictions: pd.DataFrame) -> bool:
@@ -390,7 +412,7 @@ def _run_backtests_here(runs, bars_path, benchmark_path, benchmark_code, config:
         strategies = ["topk_drop"] + (["tdrisk"] if _usable_sigma(run.predictions) else [])
         for strategy in strategies:
             settings = replace(config, strategy=strategy)
-            result = run_backtest(run.predictions, bars, benchmark, settings, benchmark_code)
+            result = run_backtest(run.predictions, bars, benchmark, settings, benchmark_code, source=str(run.predictions_path))
             where = out_dir / "backtests" / f"{run.path.name}"
             write_result(result, where)
             run.backtests[strategy] = result
@@ -502,6 +524,7 @@ def build_report(
                      text_prod, ""]
         if missing:
             sections += [f"_No backtest for: {', '.join(missing)} (give --bars and --benchmark to compute it)._", ""]
+        sections += _no_sigma_note(runs, "TDrisk")
         differing = _differing_settings(runs)
         if differing:
             sections += [f"_Warning: the backtests were run with different settings ({differing}); rows may not be comparable._", ""]
@@ -519,8 +542,10 @@ def build_report(
         sections += ["## Figure: calibration of sigma", "", "![calibration](calibration.png)", "",
                      "Stocks pooled over days and runs, binned by predicted sigma; a calibrated model lies on the diagonal. "
                      "y is the label in the units the model's sigma speaks (the legend says which).", ""]
+        sections += _no_sigma_note(runs, "Calibration")
     else:
         sections += ["_Calibration plot omitted: no run has a usable sigma and label._", ""]
+        sections += _no_sigma_note(runs, "Calibration")
 
     sections.append(_reproducibility(runs, split, bars_path, benchmark_path, benchmark_code, backtest_config, command_line))
     report_path = out_dir / "report.md"

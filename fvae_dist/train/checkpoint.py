@@ -104,7 +104,8 @@ def check_resumable(saved_config: dict, saved_hash: str, config: dict, manifest_
             f"data.dataset_dir now has manifest hash {manifest_hash}. Use a new ray.run_name, or point "
             "data.dataset_dir at the original data set."
         )
-    differences = _differences(saved_config.get("model", {}), config.get("model", {}), "model")
+    differences = _differences(saved_config.get("model", {}), config.get("model", {}), "model",
+                               _model_defaults(), ignore=MODEL_IMPLEMENTATION_KEYS)
     saved_excluded = sorted(saved_config.get("data", {}).get("exclude_instruments", []))
     excluded = sorted(config.get("data", {}).get("exclude_instruments", []))
     if saved_excluded != excluded:
@@ -116,13 +117,25 @@ def check_resumable(saved_config: dict, saved_hash: str, config: dict, manifest_
         )
 
 
-def _differences(saved: dict, current: dict, section: str) -> list[str]:
-    keys = sorted(set(saved) | set(current))
+# How the same function is computed, not which function: free to change between attempts.
+MODEL_IMPLEMENTATION_KEYS = frozenset({"fused_gru"})
+
+
+def _differences(saved: dict, current: dict, section: str, defaults: dict, ignore=frozenset()) -> list[str]:
+    """Keys whose values differ; a key the saved config lacks (written before that key existed)
+    counts as its default."""
+    keys = sorted((set(saved) | set(current)) - ignore)
     return [
-        f"{section}.{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        f"{section}.{key}: {saved.get(key, defaults.get(key))!r} -> {current.get(key)!r}"
         for key in keys
-        if saved.get(key) != current.get(key)
+        if saved.get(key, defaults.get(key)) != current.get(key)
     ]
+
+
+def _model_defaults() -> dict:
+    from fvae_dist.config import ExperimentConfig, config_to_dict
+
+    return config_to_dict(ExperimentConfig())["model"]
 
 
 # ----------------------------------------------------------------------------------------------

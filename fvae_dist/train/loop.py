@@ -13,7 +13,8 @@ loop_config (plain data, built by train/trainer.py):
     manifest_hash   hash of the data set's manifest.json
     run_dir         <storage>/<run name>, where rank 0 writes metrics.json and tensorboard/
     eval_splits     names of the evaluation datasets passed to the trainer ("valid", "test")
-    model_builder   optional callable(FactorVAEConfig) -> nn.Module (tests, baselines)
+    model_builder   optional callable(ModelConfig) -> nn.Module (tests); by default
+                    models/registry.build_model builds the model that model.name names
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict,
 from fvae_dist.data.stream import iter_day_batches
 from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
+from fvae_dist.train.cpu_memory import keep_freed_memory
 from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
 from fvae_dist.train.tensorboard import RunEvents
 from fvae_dist.train.validation import evaluate, to_device
@@ -75,6 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     quiet_ray_train_logs(cfg.ray.log_level)
 
     torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.ray.cpus_per_worker)))
+    keep_freed_memory()  # see train/cpu_memory.py: a third of a CPU step went to page faults
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     builder = loop_config.get("model_builder") or _default_builder
@@ -298,7 +301,7 @@ def quiet_ray_train_logs(level: str) -> None:
 
 
 def _default_builder(model_cfg):
-    from fvae_dist.models.factorvae import build_model
+    from fvae_dist.models.registry import build_model
 
     return build_model(model_cfg)
 

@@ -1,11 +1,13 @@
 """Predictions of a finished run: <run>/predictions/<split>.parquet from the best checkpoint.
 
-Only FactorVAE's prediction path is used (feature extractor -> factor predictor -> decoder,
-eqs. 18-19): the encoder, which reads future returns, never runs. Every stock-day of the split
-is scored, including stocks the run held out of training (data.exclude_instruments) and stocks
-without a realised label (label is NaN there): evaluation decides what to skip.
+Only the model's prediction path is used: for FactorVAE, feature extractor -> factor predictor
+-> decoder (eqs. 18-19), the encoder, which reads future returns, never runs; a baseline's
+predict() never reads the label either, and its sigma is NaN (it has no risk estimate).
+Every stock-day of the split is scored, including stocks the run held out of training
+(data.exclude_instruments) and stocks without a realised label (label is NaN there):
+evaluation decides what to skip.
 
-Columns: date (datetime64[ns]), instrument, mu, sigma, label [, beta_0 .. beta_{K-1}].
+Columns: date (datetime64[ns]), instrument, mu, sigma, label [, beta_0 .. beta_{K-1}: FactorVAE only].
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from fvae_dist.config import ExperimentConfig, load_config
 from fvae_dist.data.shards import collate_days, iter_shard_days, load_manifest, manifest_hash, shard_entries
 from fvae_dist.errors import ConfigError
+from fvae_dist.models.registry import is_factorvae
 from fvae_dist.train import checkpoint as ckpt
 
 PREDICTION_COLUMNS = ["date", "instrument", "mu", "sigma", "label"]
@@ -35,8 +38,9 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
 
 
 def load_best_model(run_dir: str | Path, cfg: ExperimentConfig | None = None):
-    """The model with the best validation epoch's weights, in eval mode, on CPU."""
-    from fvae_dist.models.factorvae import build_model
+    """The model (whichever model.name names) with the best validation epoch's weights, in eval
+    mode, on CPU."""
+    from fvae_dist.models.registry import build_model
 
     cfg = cfg or run_config(run_dir)
     try:
@@ -68,6 +72,9 @@ def predict_split(
     """Score every stock-day of `split` and write <run>/predictions/<split>.parquet atomically."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
+    if exposures and not is_factorvae(cfg.model):
+        raise ConfigError(f"{run_dir / 'config.yaml'}: factor exposures (betas) exist only for FactorVAE; this run "
+                          f"trained model.name={cfg.model.name}. Predict without --exposures.")
     dataset_dir = Path(dataset_dir or cfg.data.dataset_dir).expanduser().resolve()
     manifest = load_manifest(dataset_dir)
     _check_same_data(run_dir, dataset_dir, allow_other_data)
@@ -93,7 +100,7 @@ def _score_days(model, days, exposures: bool) -> pd.DataFrame:
     batch = collate_days(days)
     x = torch.from_numpy(batch["x"])
     mask = torch.from_numpy(batch["mask"])
-    mu, sigma = model.predict(x, mask)  # (D, N): prior factors + decoder, never the encoder
+    mu, sigma = model.predict(x, mask)  # (D, N): never reads y (FactorVAE: prior + decoder, no encoder)
     beta = model.factor_exposures(x, mask).numpy() if exposures else None
     mask_np = batch["mask"]
     frame = pd.DataFrame(

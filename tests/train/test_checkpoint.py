@@ -48,10 +48,21 @@ def test_best_checkpoint_needs_metrics(tmp_path):
     [
         (["train.lr_schedule=constant"], [1, 1, 1, 1]),
         (["train.lr_schedule=step", "train.lr_step_epochs=2", "train.lr_step_gamma=0.5"], [1, 1, 0.5, 0.5]),
-        (["train.lr_schedule=cosine", "train.epochs=4"], [1.0, 0.75, 0.25, 0.0]),
+        (["train.lr_schedule=cosine", "train.epochs=4", "train.lr_min_ratio=0"], [1.0, 0.75, 0.25, 0.0]),
+        (["train.lr_schedule=cosine", "train.epochs=3"], [1.0, 0.55, 0.1, 0.1]),  # default: ends at 0.1 lr, not 0
         (["train.warmup_epochs=1", "train.lr_schedule=constant"], [0.5, 1, 1, 1]),
     ],
 )
 def test_lr_factor(overrides, expected):
     train = load_config(None, overrides).train
     assert [lr_factor(train, e) for e in range(4)] == pytest.approx(expected)
+
+
+def test_resume_accepts_a_config_saved_before_a_model_key_existed_and_ignores_implementation_keys():
+    saved = config_to_dict(load_config(None))
+    del saved["model"]["name"]  # a run saved before model.name existed trained FactorVAE, the default
+    ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None)), "abc", "run")
+    with pytest.raises(ConfigError, match=r"model.name: 'factorvae' -> 'gru'"):
+        ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None, ["model.name=gru"])), "abc", "run")
+    # the fused and torch GRU compute the same function: switching between attempts is allowed
+    ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None, ["model.fused_gru=false"])), "abc", "run")
