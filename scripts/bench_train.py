@@ -7,8 +7,8 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
   * a plain single-process loop without Ray (days already decoded in memory, collate + step),
     fp32 vs bf16, 1 vs 4 days per step, 1 thread and all-cores threads
   * Ray Train (the real `train()`, DDP, Ray Data input) with 1 and 2 workers, same variants
-  * the GRU alone (forward + backward at S=300): torch.nn.GRU against models/fused_gru.py,
-    fp32 and bf16, and the plain loop with each of them (model.fused_gru=false/true)
+  * eq. 4's GRU alone (torch.nn.GRU forward + backward at S=300, fp32 and bf16): the share of
+    the step that the GRU bounds
   * what bf16 does to quality: test Rank IC of the demo configuration trained in fp32 and in
     bf16 with the same seeds (Ray Train, 2 workers)
   * Ray's overhead against the plain loop at the same core count, the fraction of the epoch the
@@ -63,14 +63,13 @@ def main() -> None:
 
     gru = gru_kernels(repeats=2 if args.quick else 3)
 
-    plain_variants = [(p, d, t, True) for t in sorted({1, cores}) for p in ("fp32", "bf16") for d in (1, 4)]
-    plain_variants.insert(1, ("fp32", 1, 1, False))  # the same step with torch.nn.GRU
+    plain_variants = [(p, d, t) for t in sorted({1, cores}) for p in ("fp32", "bf16") for d in (1, 4)]
     if args.quick:
         plain_variants = [v for v in plain_variants if v[2] == 1 or (v[0] == "fp32" and v[1] == 1)]
     # This machine may be shared: each variant runs `repeats` times, interleaved, and keeps its best.
     repeats = 2 if args.quick else 3
-    runs = [[plain_loop(days, precision=p, batch_days=d, threads=t, fused_gru=f, max_steps=12 if args.quick else 40)
-             for p, d, t, f in plain_variants] for _ in range(repeats)]
+    runs = [[plain_loop(days, precision=p, batch_days=d, threads=t, max_steps=12 if args.quick else 40)
+             for p, d, t in plain_variants] for _ in range(repeats)]
     plain = [max(attempts, key=lambda row: row["stock_days_per_s"]) for attempts in zip(*runs)]
     for row, attempts in zip(plain, zip(*runs)):
         row["attempts_stock_days_per_s"] = [a["stock_days_per_s"] for a in attempts]
@@ -176,33 +175,25 @@ def matmul_gflops(threads: int, size: int = 2048, repeats: int = 6) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def gru_kernels(repeats: int, stocks: int = 300, steps: int = 20, hidden: int = 64) -> list:
-    """Forward + backward of eq. 4's GRU on one day's stocks: torch.nn.GRU vs models/fused_gru.py."""
-    from fvae_dist.models.fused_gru import gru_last_hidden
-
+    """Forward + backward of eq. 4's GRU alone on one day's stocks (torch.nn.GRU, one thread)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     gru = torch.nn.GRU(hidden, hidden, batch_first=True)
     x = torch.randn(stocks, steps, hidden, requires_grad=True)
-    weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-    kernels = {"torch.nn.GRU": lambda: gru(x)[1][0], "fused": lambda: gru_last_hidden(x, *weights)}
     rows = []
     for precision in ("fp32", "bf16"):
-        best = {name: float("inf") for name in kernels}
-        for _ in range(repeats):  # interleaved, best of: the machine may be shared
-            for name, forward in kernels.items():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    for _ in range(3):
-                        forward().sum().backward()
-                    started = time.perf_counter()
-                    for _ in range(20):
-                        forward().sum().backward()
-                best[name] = min(best[name], (time.perf_counter() - started) / 20)
-        for name, seconds in best.items():
-            rows.append({"gru": name, "precision": precision, "stocks": stocks, "ms": 1e3 * seconds,
-                         "stock_days_per_s": stocks / seconds,
-                         "speedup_vs_torch": best["torch.nn.GRU"] / seconds})
-            print(f"gru    {name:13s} {precision}: {1e3 * seconds:.2f} ms fwd+bwd, "
-                  f"{best['torch.nn.GRU'] / seconds:.2f}x torch.nn.GRU")
+        best = float("inf")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for _ in range(repeats):  # best of: the machine may be shared
+                for _ in range(3):
+                    gru(x)[1].sum().backward()
+                started = time.perf_counter()
+                for _ in range(20):
+                    gru(x)[1].sum().backward()
+                best = min(best, (time.perf_counter() - started) / 20)
+        rows.append({"precision": precision, "stocks": stocks, "ms": 1e3 * best, "stock_days_per_s": stocks / best})
+        print(f"gru    torch.nn.GRU {precision}: {1e3 * best:.2f} ms fwd+bwd for {stocks} stocks "
+              f"({stocks / best:,.0f} stock-days/s for the GRU alone)")
     return rows
 
 
@@ -210,13 +201,13 @@ def gru_kernels(repeats: int, stocks: int = 300, steps: int = 20, hidden: int = 
 # Plain loop: no Ray, no DDP, the same model, optimizer and precision switch
 # ----------------------------------------------------------------------------------------------
 
-def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max_steps: int, fused_gru: bool = True) -> dict:
+def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max_steps: int) -> dict:
     from fvae_dist.models.factorvae import build_model
     from fvae_dist.train.engine import DDPEngine
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = model_config(precision, batch_days, (f"model.fused_gru={str(fused_gru).lower()}",))
+    cfg = model_config(precision, batch_days)
     engine = DDPEngine(build_model(cfg.model), cfg, torch.device("cpu"), world_size=1)
     order = np.random.default_rng(0).permutation(len(days))
     groups = [order[i : i + batch_days] for i in range(0, len(order) - batch_days + 1, batch_days)]
@@ -237,10 +228,9 @@ def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max
             steps += 1
     total = data_s + step_s
     row = {"kind": "plain", "precision": precision, "batch_days": batch_days, "threads": threads, "cores": threads,
-           "gru": "fused" if fused_gru else "torch.nn.GRU",
            "steps": steps, "stock_days_per_s": stock_days / total, "data_wait_fraction": data_s / total,
            "step_ms": 1e3 * step_s / steps}
-    print(f"plain  threads={threads} {precision} D={batch_days} gru={row['gru']}: {row['stock_days_per_s']:,.0f} stock-days/s "
+    print(f"plain  threads={threads} {precision} D={batch_days}: {row['stock_days_per_s']:,.0f} stock-days/s "
           f"(data {100 * row['data_wait_fraction']:.1f}%)")
     return row
 
@@ -337,7 +327,7 @@ def ray_overhead(plain: list, ray_results: list) -> list:
     rows = []
     for r in ray_results:
         match = [p for p in plain if p["threads"] == r["cores"] and p["precision"] == r["precision"]
-                 and p["batch_days"] == r["batch_days"] and p["gru"] == "fused"]
+                 and p["batch_days"] == r["batch_days"]]
         if match:
             rows.append({"workers": r["workers"], "cores": r["cores"], "precision": r["precision"],
                          "batch_days": r["batch_days"], "plain_stock_days_per_s": match[0]["stock_days_per_s"],
@@ -350,7 +340,7 @@ def print_table(plain: list, ray_results: list, overhead: list) -> None:
     print(f"\n{'run':34s} {'stock-days/s':>13s} {'per core':>9s} {'data wait':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
     for row in plain + ray_results:
         label = (f"plain threads={row['threads']}" if row["kind"] == "plain" else f"ray workers={row['workers']}")
-        label += f" {row['precision']} D={row['batch_days']}" + (" nn.GRU" if row.get("gru") == "torch.nn.GRU" else "")
+        label += f" {row['precision']} D={row['batch_days']}"
         print(f"{label:34s} {row['stock_days_per_s']:13,.0f} {row['stock_days_per_s_per_core']:9,.0f} "
               f"{100 * row['data_wait_fraction']:8.1f}% {row['gflops']:8.1f} {100 * row['fraction_of_matmul_ceiling']:7.1f}%")
     for row in overhead:

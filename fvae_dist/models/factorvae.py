@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fvae_dist.errors import ConfigError, DataError
-from fvae_dist.models.fused_gru import gru_last_hidden
 
 VARIANTS = ("factorvae", "prior", "port")
 
@@ -87,12 +86,6 @@ class FactorVAEConfig:
     KL stay finite when a Softplus underflows to 0. Far below any return scale, so it never
     binds in practice."""
 
-    fused_gru: bool = True
-    """Run the feature extractor's GRU through models/fused_gru.py on CPU in fp32 (same equations
-    and parameters as torch.nn.GRU, a hand-written backward that is faster at these sizes);
-    false uses torch.nn.GRU's own kernels. CUDA (cuDNN) and bf16 autocast always use
-    torch.nn.GRU, which is the faster one there."""
-
     port_ridge: float = 1e-4
     """"port" only: ridge added to e^T e before solving, relative to its mean diagonal (so it is
     scale-free). Keeps the solve defined when N < H or hidden units are collinear."""
@@ -111,8 +104,6 @@ class FactorVAEConfig:
                 raise ConfigError(f"FactorVAEConfig.{name}: expected {bound}, got {value!r}")
         if self.leaky_slope >= 1:
             raise ConfigError(f"FactorVAEConfig.leaky_slope: expected a negative slope in [0, 1), got {self.leaky_slope!r}")
-        if not isinstance(self.fused_gru, bool):
-            raise ConfigError(f"FactorVAEConfig.fused_gru: expected true or false, got {self.fused_gru!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"FactorVAEConfig.variant: expected one of {VARIANTS}, got {self.variant!r}")
 
@@ -152,7 +143,6 @@ class FeatureExtractor(nn.Module):
         self.proj = nn.Linear(cfg.num_features, cfg.hidden_size)
         self.act = nn.LeakyReLU(cfg.leaky_slope)
         self.gru = nn.GRU(cfg.hidden_size, cfg.hidden_size, batch_first=True)
-        self.fused_gru = cfg.fused_gru
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         D, N = mask.shape
@@ -160,18 +150,11 @@ class FeatureExtractor(nn.Module):
         # padded slots cost nothing and whatever they hold never enters the network.
         x_real = x[mask].to(self.proj.weight.dtype)                  # (S, T, C)
         h_proj = self.act(self.proj(x_real))                          # (S, T, H)  eq. 4, first line
-        e_real = self._gru_last_hidden(h_proj)                         # (S, H)     eq. 4, e = h_gru^(T)
+        _, h_last = self.gru(h_proj)                                   # (1, S, H)  eq. 4, second line
+        e_real = h_last[0]                                             # (S, H)     e = h_gru^(T)
         e = e_real.new_zeros(D, N, e_real.shape[-1])                   # (D, N, H)
         e[mask] = e_real
         return e                                                       # (D, N, H), 0 at padding
-
-    def _gru_last_hidden(self, h_proj: Tensor) -> Tensor:
-        # Under bf16 autocast torch's GRU is the faster one (its state is bf16 too), see
-        # scripts/bench_train.py; the fused GRU serves fp32, where it is the faster one.
-        if self.fused_gru and h_proj.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            gru = self.gru
-            return gru_last_hidden(h_proj, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-        return self.gru(h_proj)[1][0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,8 +104,7 @@ def check_resumable(saved_config: dict, saved_hash: str, config: dict, manifest_
             f"data.dataset_dir now has manifest hash {manifest_hash}. Use a new ray.run_name, or point "
             "data.dataset_dir at the original data set."
         )
-    differences = _differences(saved_config.get("model", {}), config.get("model", {}), "model",
-                               _model_defaults(), ignore=MODEL_IMPLEMENTATION_KEYS)
+    differences = _differences(saved_config.get("model", {}), config.get("model", {}), "model", _model_defaults())
     saved_excluded = sorted(saved_config.get("data", {}).get("exclude_instruments", []))
     excluded = sorted(config.get("data", {}).get("exclude_instruments", []))
     if saved_excluded != excluded:
@@ -117,14 +116,10 @@ def check_resumable(saved_config: dict, saved_hash: str, config: dict, manifest_
         )
 
 
-# How the same function is computed, not which function: free to change between attempts.
-MODEL_IMPLEMENTATION_KEYS = frozenset({"fused_gru"})
-
-
-def _differences(saved: dict, current: dict, section: str, defaults: dict, ignore=frozenset()) -> list[str]:
+def _differences(saved: dict, current: dict, section: str, defaults: dict) -> list[str]:
     """Keys whose values differ; a key the saved config lacks (written before that key existed)
     counts as its default."""
-    keys = sorted((set(saved) | set(current)) - ignore)
+    keys = sorted(set(saved) | set(current))
     return [
         f"{section}.{key}: {saved.get(key, defaults.get(key))!r} -> {current.get(key)!r}"
         for key in keys

@@ -77,7 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     quiet_ray_train_logs(cfg.ray.log_level)
 
     torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.ray.cpus_per_worker)))
-    keep_freed_memory()  # see train/cpu_memory.py: a third of a CPU step went to page faults
+    keep_freed_memory()  # see train/cpu_memory.py: page faults of big per-step tensors
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     builder = loop_config.get("model_builder") or _default_builder

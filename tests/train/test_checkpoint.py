@@ -58,11 +58,9 @@ def test_lr_factor(overrides, expected):
     assert [lr_factor(train, e) for e in range(4)] == pytest.approx(expected)
 
 
-def test_resume_accepts_a_config_saved_before_a_model_key_existed_and_ignores_implementation_keys():
+def test_resume_accepts_a_config_saved_before_a_model_key_existed():
     saved = config_to_dict(load_config(None))
     del saved["model"]["name"]  # a run saved before model.name existed trained FactorVAE, the default
     ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None)), "abc", "run")
     with pytest.raises(ConfigError, match=r"model.name: 'factorvae' -> 'gru'"):
         ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None, ["model.name=gru"])), "abc", "run")
-    # the fused and torch GRU compute the same function: switching between attempts is allowed
-    ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None, ["model.fused_gru=false"])), "abc", "run")
