@@ -6,6 +6,7 @@ Everything goes through the same `fvae-dist` commands users run; outputs land in
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ def oracle_rank_ic(predictions: pd.DataFrame) -> dict:
 
 def main() -> None:
     started = time.perf_counter()
+    # Every demo trains from scratch: an earlier demo's run would otherwise be resumed (or refused
+    # once its data set was rebuilt by a newer fvae-dist). The prepared data set is reused when current.
+    shutil.rmtree(RUN, ignore_errors=True)
     step("prepare", ["prepare", "--source", SOURCE, "--out", str(DATASET)])
     step("train", ["train", "--config", "tune_configs/demo.yaml", f"data.dataset_dir={DATASET}"])
     step("predict", ["predict", "--run", str(RUN), "--split", "test"])
