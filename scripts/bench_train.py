@@ -5,7 +5,8 @@
 Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .bench/):
   * the 2048x2048 fp32 matmul ceiling (GFLOP/s) with 1 thread and with all cores
   * a plain single-process loop without Ray (days already decoded in memory, collate + step),
-    fp32 vs bf16, 1 vs 4 days per step, 1 thread and all-cores threads
+    fp32 vs bf16, 1 vs 4 days per step, 1 thread and all-cores threads; the second of two passes
+    over the same batches is timed (steady state, as the Ray runs leave out their first epoch)
   * Ray Train (the real `train()`, DDP, Ray Data input) with 1 and 2 workers, same variants
   * eq. 4's GRU alone (torch.nn.GRU forward + backward at S=300, fp32 and bf16): the share of
     the step that the GRU bounds
@@ -210,22 +211,27 @@ def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max
     cfg = model_config(precision, batch_days)
     engine = DDPEngine(build_model(cfg.model), cfg, torch.device("cpu"), world_size=1)
     order = np.random.default_rng(0).permutation(len(days))
-    groups = [order[i : i + batch_days] for i in range(0, len(order) - batch_days + 1, batch_days)]
-    warmup = 3
+    groups = [order[i : i + batch_days] for i in range(0, len(order) - batch_days + 1, batch_days)][:max_steps]
+    # Two passes over the same batches, the second one timed: like the Ray runs, whose first
+    # epoch is left out, this measures the steady state of an epoch loop. The first pass meets
+    # every batch shape (stocks per day vary) for the first time, and oneDNN builds its bf16
+    # kernels per shape: a single pass measured bf16 at one day per step a third slower (14.0K
+    # against 21.6K stock-days/s).
     data_s = step_s = 0.0
     stock_days = steps = 0
-    for index, group in enumerate(groups[: warmup + max_steps]):
-        started = time.perf_counter()
-        batch = collate_days([days[i] for i in group])
-        x, mask, y = (torch.from_numpy(batch[k]) for k in ("x", "mask", "y"))
-        collated = time.perf_counter()
-        engine.train_step(x, mask, y)
-        done = time.perf_counter()
-        if index >= warmup:
-            data_s += collated - started
-            step_s += done - collated
-            stock_days += int(batch["mask"].sum())
-            steps += 1
+    for timed in (False, True):
+        for group in groups:
+            started = time.perf_counter()
+            batch = collate_days([days[i] for i in group])
+            x, mask, y = (torch.from_numpy(batch[k]) for k in ("x", "mask", "y"))
+            collated = time.perf_counter()
+            engine.train_step(x, mask, y)
+            done = time.perf_counter()
+            if timed:
+                data_s += collated - started
+                step_s += done - collated
+                stock_days += int(batch["mask"].sum())
+                steps += 1
     total = data_s + step_s
     row = {"kind": "plain", "precision": precision, "batch_days": batch_days, "threads": threads, "cores": threads,
            "steps": steps, "stock_days_per_s": stock_days / total, "data_wait_fraction": data_s / total,
