@@ -19,17 +19,9 @@ from fvae_dist.evaluate.report import build_report, load_run
 from fvae_dist.models.baselines.ca import managed_portfolios
 from fvae_dist.models.factorvae import FactorVAE, FactorVAEConfig
 from fvae_dist.models.registry import MODEL_NAMES, ModelConfig, build_model, model_label
+from tests.models.batches import assert_rejects_bad_batches, make_batch, widen_batch
 
 BASELINES = [name for name in MODEL_NAMES if name != "factorvae"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared machine they spin-wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 SMALL = ModelConfig(num_features=4, seq_len=5, hidden_size=12, num_factors=3, num_portfolios=6)
@@ -42,22 +34,6 @@ def small_model(name: str, seed: int = 0, **overrides):
         # a trained-looking factor mean, so that CA's predictions are not identically 0
         model.factor_mean.copy_(torch.randn(SMALL.num_factors))
     return model
-
-
-def make_batch(n_per_day: list[int], n_pad: int | None = None, T: int = 5, C: int = 4, seed: int = 0,
-               garbage: float = float("nan")):
-    """x (D, N, T, C), mask (D, N), y (D, N): real stocks first, padded slots hold `garbage`."""
-    gen = torch.Generator().manual_seed(seed)
-    N = n_pad or max(n_per_day)
-    D = len(n_per_day)
-    x = torch.full((D, N, T, C), garbage)
-    y = torch.full((D, N), garbage)
-    mask = torch.zeros(D, N, dtype=torch.bool)
-    for d, n in enumerate(n_per_day):
-        x[d, :n] = torch.randn(n, T, C, generator=gen)
-        y[d, :n] = torch.randn(n, generator=gen)
-        mask[d, :n] = True
-    return x, mask, y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,17 +72,7 @@ def test_loss_is_the_per_day_mse_averaged_over_days(name):
 @pytest.mark.parametrize("name", BASELINES)
 def test_bad_batches_raise_data_error_naming_the_input(name):
     model = small_model(name)
-    x, mask, y = make_batch([5, 3])
-    with pytest.raises(DataError, match="input x"):
-        model.predict(x[..., :3], mask)
-    with pytest.raises(DataError, match="input mask"):
-        model.predict(x, mask.float())
-    with pytest.raises(DataError, match="input y"):
-        model(x, mask, y[:, :2])
-    empty_day = mask.clone()
-    empty_day[1] = False
-    with pytest.raises(DataError, match="at least one real stock"):
-        model.predict(x, empty_day)
+    assert_rejects_bad_batches(model)
 
 
 def test_linear_needs_the_configured_window_length():
@@ -126,14 +92,7 @@ def test_a_day_gives_the_same_outputs_alone_or_batched_and_padded(name, garbage)
     model = small_model(name)
     sizes = [6, 9, 3]
     x, mask, y = make_batch(sizes, seed=7, garbage=garbage)  # padded to 9 with garbage
-    # scatter day 0's stocks over non-contiguous slots of a wider padded batch
-    N = 14
-    slots = torch.tensor([1, 4, 5, 8, 11, 13])
-    x_wide = torch.full((3, N) + x.shape[2:], garbage)
-    y_wide = torch.full((3, N), garbage)
-    mask_wide = torch.zeros(3, N, dtype=torch.bool)
-    x_wide[0, slots], y_wide[0, slots], mask_wide[0, slots] = x[0, :6], y[0, :6], True
-    x_wide[1:, :9], y_wide[1:, :9], mask_wide[1:, :9] = x[1:], y[1:], mask[1:]
+    x_wide, mask_wide, y_wide, slots = widen_batch(x, mask, y, garbage)
 
     batched = model(x_wide, mask_wide, y_wide)
     mu_b, sigma_b = model.predict(x_wide, mask_wide)

@@ -8,36 +8,12 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from fvae_dist.errors import ConfigError, DataError
+from fvae_dist.errors import ConfigError
 from fvae_dist.models import VARIANTS, FactorVAE, FactorVAEConfig, build_model
 from fvae_dist.models.factorvae import gaussian_kl, gaussian_nll
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared machine they spin-wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+from tests.models.batches import assert_rejects_bad_batches, make_batch, widen_batch
 
 SMALL = FactorVAEConfig(num_features=4, seq_len=5, hidden_size=12, num_factors=3, num_portfolios=6)
-
-
-def make_batch(n_per_day: list[int], n_pad: int | None = None, T: int = 5, C: int = 4, seed: int = 0,
-               garbage: float = float("nan")):
-    """x (D, N, T, C), mask (D, N), y (D, N): real stocks first, padded slots hold `garbage`."""
-    gen = torch.Generator().manual_seed(seed)
-    N = n_pad or max(n_per_day)
-    D = len(n_per_day)
-    x = torch.full((D, N, T, C), garbage)
-    y = torch.full((D, N), garbage)
-    mask = torch.zeros(D, N, dtype=torch.bool)
-    for d, n in enumerate(n_per_day):
-        x[d, :n] = torch.randn(n, T, C, generator=gen)
-        y[d, :n] = torch.randn(n, generator=gen)
-        mask[d, :n] = True
-    return x, mask, y
 
 
 def small_model(variant: str = "factorvae", seed: int = 0, **overrides) -> FactorVAE:
@@ -69,17 +45,7 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
 
 def test_bad_batches_raise_data_error_naming_the_input():
     model = small_model()
-    x, mask, y = make_batch([5, 3])
-    with pytest.raises(DataError, match="input x"):
-        model.predict(x[..., :3], mask)
-    with pytest.raises(DataError, match="input mask"):
-        model.predict(x, mask.float())
-    with pytest.raises(DataError, match="input y"):
-        model(x, mask, y[:, :2])
-    empty_day = mask.clone()
-    empty_day[1] = False
-    with pytest.raises(DataError, match="at least one real stock"):
-        model.predict(x, empty_day)
+    assert_rejects_bad_batches(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,14 +242,7 @@ def test_a_day_gives_the_same_outputs_alone_or_batched_and_padded(variant, garba
     model = small_model(variant)
     sizes = [6, 9, 3]
     x, mask, y = make_batch(sizes, seed=7)  # padded to 9 with garbage
-    # scatter day 0's stocks over non-contiguous slots of a wider padded batch
-    N = 14
-    slots = torch.tensor([1, 4, 5, 8, 11, 13])
-    x_wide = torch.full((3, N) + x.shape[2:], garbage)
-    y_wide = torch.full((3, N), garbage)
-    mask_wide = torch.zeros(3, N, dtype=torch.bool)
-    x_wide[0, slots], y_wide[0, slots], mask_wide[0, slots] = x[0, :6], y[0, :6], True
-    x_wide[1:, :9], y_wide[1:, :9], mask_wide[1:, :9] = x[1:], y[1:], mask[1:]
+    x_wide, mask_wide, y_wide, slots = widen_batch(x, mask, y, garbage)
 
     batched = model(x_wide, mask_wide, y_wide)
     mu_b, sigma_b = model.predict(x_wide, mask_wide)

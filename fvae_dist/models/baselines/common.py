@@ -56,8 +56,8 @@ def input_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-class PerStockModel(nn.Module):
-    """A baseline that scores each stock from its own window: subclasses define score_real."""
+class PointForecastBaseline(nn.Module):
+    """A baseline that scores each day's stocks with no risk estimate: subclasses define scores."""
 
     label = "baseline"
 
@@ -65,13 +65,9 @@ class PerStockModel(nn.Module):
         super().__init__()
         self.num_features = num_features
 
-    def score_real(self, x_real: Tensor) -> Tensor:
-        """(S, T, C) windows of real stocks -> (S,) predicted label."""
-        raise NotImplementedError
-
     def scores(self, x: Tensor, mask: Tensor) -> Tensor:
-        x_real = x[mask].to(input_dtype(self))                         # (S, T, C) real stocks only
-        return scatter_to_days(self.score_real(x_real).float(), mask)  # (D, N), 0 at padding
+        """x (D, N, T, C), mask (D, N) -> (D, N) predicted label, 0 at padding."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor, mask: Tensor, y: Tensor) -> dict[str, Tensor]:
         check_batch(self.label, self.num_features, x, mask, y)
@@ -82,3 +78,15 @@ class PerStockModel(nn.Module):
         check_batch(self.label, self.num_features, x, mask)
         mu = self.scores(x, mask)
         return mu, no_risk_estimate(mu)
+
+
+class PerStockModel(PointForecastBaseline):
+    """A baseline that scores each stock from its own window: subclasses define score_real."""
+
+    def score_real(self, x_real: Tensor) -> Tensor:
+        """(S, T, C) windows of real stocks -> (S,) predicted label."""
+        raise NotImplementedError
+
+    def scores(self, x: Tensor, mask: Tensor) -> Tensor:
+        x_real = x[mask].to(input_dtype(self))                         # (S, T, C) real stocks only
+        return scatter_to_days(self.score_real(x_real).float(), mask)  # (D, N), 0 at padding

@@ -16,25 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvae_dist.models.baselines.common import (
-    check_batch,
-    input_dtype,
-    no_risk_estimate,
-    point_forecast_losses,
-    scatter_to_days,
-)
+from fvae_dist.models.baselines.common import PointForecastBaseline, input_dtype, scatter_to_days
 from fvae_dist.models.baselines.gru import GRUEncoder
 
 ATTENTION_SLOPE = 0.2  # Velickovic et al.'s LeakyReLU slope for the attention logits
 
 
-class GATBaseline(nn.Module):
+class GATBaseline(PointForecastBaseline):
     label = "GAT"
 
     def __init__(self, cfg):
-        super().__init__()
+        super().__init__(cfg.num_features)
         H = cfg.hidden_size
-        self.num_features = cfg.num_features
         self.encoder = GRUEncoder(cfg)
         self.transform = nn.Linear(H, H, bias=False)                   # W
         self.attention = nn.Linear(2 * H, 1, bias=False)               # a = [a_1; a_2]
@@ -62,13 +55,3 @@ class GATBaseline(nn.Module):
         h = (e + attended)[mask]                                       # (S, H) real stocks only
         h = self.act(self.hidden(h.to(input_dtype(self))))
         return scatter_to_days(self.out(h).squeeze(-1).float(), mask)  # (D, N), 0 at padding
-
-    def forward(self, x: Tensor, mask: Tensor, y: Tensor) -> dict[str, Tensor]:
-        check_batch(self.label, self.num_features, x, mask, y)
-        return point_forecast_losses(self.scores(x, mask), y, mask)
-
-    def predict(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """mu (D, N), 0 at padding; sigma NaN (no risk estimate). Never reads y."""
-        check_batch(self.label, self.num_features, x, mask)
-        mu = self.scores(x, mask)
-        return mu, no_risk_estimate(mu)
