@@ -7,9 +7,10 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
   * a plain single-process loop without Ray (days already decoded in memory, collate + step),
     fp32 vs bf16, 1 vs 4 days per step, 1 thread and all-cores threads; the second of two passes
     over the same batches is timed (steady state, as the Ray runs leave out their first epoch)
-  * Ray Train (the real `train()`, DDP, Ray Data input) with 1 and 2 workers, same variants
-  * eq. 4's GRU alone (torch.nn.GRU forward + backward at S=300, fp32 and bf16): the share of
-    the step that the GRU bounds
+  * Ray Train (the real `train()`, DDP, Ray Data input) with 1 and 2 workers, same variants, and
+    two 1-worker runs with data.feeder=false (Ray Data read in the worker's own threads)
+  * eq. 4's GRU alone (forward + backward at S=300, fp32 and bf16): torch.nn.GRU against the
+    models' FusedGRU, the share of the step that the GRU bounds
   * what bf16 does to quality: test Rank IC of the demo configuration trained in fp32 and in
     bf16 with the same seeds (Ray Train, 2 workers)
   * Ray's overhead against the plain loop at the same core count, the fraction of the epoch the
@@ -78,14 +79,17 @@ def main() -> None:
 
     ray_results = []
     if not args.skip_ray:
-        ray_variants = [(w, p, d) for w in (1, 2) for p in ("fp32", "bf16") for d in (1, 4)]
+        ray_variants = [(w, p, d, True) for w in (1, 2) for p in ("fp32", "bf16") for d in (1, 4)]
+        # the same with each worker reading Ray Data in its own threads instead of a feeder actor
+        ray_variants += [(1, "fp32", 1, False), (1, "bf16", 4, False)]
         if args.quick:
-            ray_variants = [(1, "fp32", 1), (2, "fp32", 1), (2, "bf16", 1)]
+            ray_variants = [(1, "fp32", 1, True), (2, "fp32", 1, True), (2, "bf16", 1, True)]
         import ray
 
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        for workers, precision, batch_days in ray_variants:
-            ray_results.append(ray_run(dataset, workers, precision, batch_days, cores, epochs=2 if args.quick else 3))
+        for workers, precision, batch_days, feeder in ray_variants:
+            ray_results.append(ray_run(dataset, workers, precision, batch_days, cores, epochs=2 if args.quick else 3,
+                                       feeder=feeder))
         ray.shutdown()
     quality = None
     if not (args.skip_ray or args.skip_quality):
@@ -176,25 +180,34 @@ def matmul_gflops(threads: int, size: int = 2048, repeats: int = 6) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def gru_kernels(repeats: int, stocks: int = 300, steps: int = 20, hidden: int = 64) -> list:
-    """Forward + backward of eq. 4's GRU alone on one day's stocks (torch.nn.GRU, one thread)."""
+    """Forward + backward of eq. 4's GRU alone on one day's stocks, one thread: torch.nn.GRU
+    against the models' FusedGRU (same weights), fp32 and bf16, attempts interleaved."""
+    from fvae_dist.models.fused_gru import FusedGRU
+    from fvae_dist.models.native.build import load_gru_kernels
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    gru = torch.nn.GRU(hidden, hidden, batch_first=True)
+    grus = {"torch": torch.nn.GRU(hidden, hidden, batch_first=True)}
+    if load_gru_kernels() is not None:
+        grus["fused"] = FusedGRU(hidden, hidden, batch_first=True)
+        grus["fused"].load_state_dict(grus["torch"].state_dict())
     x = torch.randn(stocks, steps, hidden, requires_grad=True)
-    rows = []
-    for precision in ("fp32", "bf16"):
-        best = float("inf")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            for _ in range(repeats):  # best of: the machine may be shared
+    best = {(name, p): float("inf") for name in grus for p in ("fp32", "bf16")}
+    for _ in range(repeats):  # best of: the machine may be shared
+        for (name, precision) in best:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 for _ in range(3):
-                    gru(x)[1].sum().backward()
+                    grus[name](x)[1].sum().backward()
                 started = time.perf_counter()
                 for _ in range(20):
-                    gru(x)[1].sum().backward()
-                best = min(best, (time.perf_counter() - started) / 20)
-        rows.append({"precision": precision, "stocks": stocks, "ms": 1e3 * best, "stock_days_per_s": stocks / best})
-        print(f"gru    torch.nn.GRU {precision}: {1e3 * best:.2f} ms fwd+bwd for {stocks} stocks "
-              f"({stocks / best:,.0f} stock-days/s for the GRU alone)")
+                    grus[name](x)[1].sum().backward()
+            best[(name, precision)] = min(best[(name, precision)], (time.perf_counter() - started) / 20)
+    rows = []
+    for (name, precision), seconds in best.items():
+        rows.append({"implementation": name, "precision": precision, "stocks": stocks, "ms": 1e3 * seconds,
+                     "stock_days_per_s": stocks / seconds})
+        print(f"gru    {name:5s} {precision}: {1e3 * seconds:.2f} ms fwd+bwd for {stocks} stocks "
+              f"({stocks / seconds:,.0f} stock-days/s for the GRU alone)")
     return rows
 
 
@@ -210,16 +223,18 @@ def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max
     torch.manual_seed(0)
     cfg = model_config(precision, batch_days)
     engine = DDPEngine(build_model(cfg.model), cfg, torch.device("cpu"), world_size=1)
-    order = np.random.default_rng(0).permutation(len(days))
-    groups = [order[i : i + batch_days] for i in range(0, len(order) - batch_days + 1, batch_days)][:max_steps]
-    # Two passes over the same batches, the second one timed: like the Ray runs, whose first
-    # epoch is left out, this measures the steady state of an epoch loop. The first pass meets
-    # every batch shape (stocks per day vary) for the first time, and oneDNN builds its bf16
-    # kernels per shape: a single pass measured bf16 at one day per step a third slower (14.0K
-    # against 21.6K stock-days/s).
+    # Two passes, the second one timed: like the Ray runs, whose first epoch is left out, this
+    # measures the steady state of an epoch loop. The first pass meets most batch shapes (stocks
+    # per day vary) for the first time, and oneDNN builds its bf16 kernels per shape. The timed
+    # pass groups the days afresh, as every Ray epoch reshuffles them: replaying the warm-up's
+    # exact batches would flatter the plain loop at several days per step, whose batch shapes
+    # (sums of several days' stock counts) then repeat exactly.
     data_s = step_s = 0.0
     stock_days = steps = 0
+    rng = np.random.default_rng(0)
     for timed in (False, True):
+        order = rng.permutation(len(days))
+        groups = [order[i : i + batch_days] for i in range(0, len(order) - batch_days + 1, batch_days)][:max_steps]
         for group in groups:
             started = time.perf_counter()
             batch = collate_days([days[i] for i in group])
@@ -245,10 +260,11 @@ def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max
 # Ray Train: the product's train() with a fresh run folder
 # ----------------------------------------------------------------------------------------------
 
-def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores: int, epochs: int) -> dict:
+def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores: int, epochs: int,
+            feeder: bool = True) -> dict:
     from fvae_dist.train.trainer import train
 
-    name = f"ray-w{workers}-{precision}-d{batch_days}"
+    name = f"ray-w{workers}-{precision}-d{batch_days}" + ("" if feeder else "-nofeeder")
     storage = WORK / "runs"
     shutil.rmtree(storage / name, ignore_errors=True)
     # On `cores` CPUs the workers together may hold cores - 1, leaving one to Ray Data.
@@ -257,6 +273,7 @@ def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores:
         f"data.dataset_dir={dataset}", f"train.epochs={epochs}", "train.early_stopping_patience=0",
         "train.keep_checkpoints=1", "train.torch_threads=1", f"ray.num_workers={workers}",
         f"ray.cpus_per_worker={cpus_per_worker}", f"ray.storage_path={storage}", f"ray.run_name={name}",
+        f"data.feeder={str(feeder).lower()}",
     ))
     started = time.perf_counter()
     metrics = train(cfg).metrics
@@ -264,18 +281,22 @@ def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores:
     steady = metrics["history"][1:] or metrics["history"]  # epoch 0 includes start-up of the input pipeline
     epoch_seconds = sum(h["perf_epoch_seconds"] for h in metrics["history"])
     row = {
-        "kind": "ray", "workers": workers, "precision": precision, "batch_days": batch_days,
+        "kind": "ray", "workers": workers, "precision": precision, "batch_days": batch_days, "feeder": feeder,
         "cores": min(workers, cores), "threads_per_worker": 1, "cpus_per_worker": cpus_per_worker,
         "epochs": epochs,
         "stock_days_per_s": float(np.mean([h["perf_stock_days_per_s"] for h in steady])),
         "best_epoch_stock_days_per_s": float(max(h["perf_stock_days_per_s"] for h in steady)),
         "data_wait_fraction": float(np.mean([h["perf_data_wait_fraction"] for h in steady])),
+        "step_fraction": float(np.mean([h.get("perf_step_fraction", float("nan")) for h in steady])),
+        "step_ms": float(np.mean([1e3 * h["perf_epoch_seconds"] * h.get("perf_step_fraction", float("nan"))
+                                  / max(h["train_steps"], 1) for h in steady])),
         "first_epoch_stock_days_per_s": metrics["history"][0]["perf_stock_days_per_s"],
         "run_wall_s": wall,
         "fixed_cost_s": wall - epoch_seconds,  # Ray start, data materialisation, validation, checkpoints
         "valid_rank_ic_last": metrics["history"][-1]["valid_rank_ic"],
     }
-    print(f"ray    workers={workers} {precision} D={batch_days}: {row['stock_days_per_s']:,.0f} stock-days/s "
+    print(f"ray    workers={workers} {precision} D={batch_days}{'' if feeder else ' no feeder'}: "
+          f"{row['stock_days_per_s']:,.0f} stock-days/s "
           f"(data wait {100 * row['data_wait_fraction']:.1f}%, run {wall:.0f} s)")
     return row
 
@@ -336,7 +357,8 @@ def ray_overhead(plain: list, ray_results: list) -> list:
                  and p["batch_days"] == r["batch_days"]]
         if match:
             rows.append({"workers": r["workers"], "cores": r["cores"], "precision": r["precision"],
-                         "batch_days": r["batch_days"], "plain_stock_days_per_s": match[0]["stock_days_per_s"],
+                         "batch_days": r["batch_days"], "feeder": r["feeder"],
+                         "plain_stock_days_per_s": match[0]["stock_days_per_s"],
                          "ray_stock_days_per_s": r["stock_days_per_s"],
                          "overhead_fraction": 1.0 - r["stock_days_per_s"] / match[0]["stock_days_per_s"]})
     return rows
@@ -346,11 +368,12 @@ def print_table(plain: list, ray_results: list, overhead: list) -> None:
     print(f"\n{'run':34s} {'stock-days/s':>13s} {'per core':>9s} {'data wait':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
     for row in plain + ray_results:
         label = (f"plain threads={row['threads']}" if row["kind"] == "plain" else f"ray workers={row['workers']}")
-        label += f" {row['precision']} D={row['batch_days']}"
+        label += f" {row['precision']} D={row['batch_days']}" + ("" if row.get("feeder", True) else " no feeder")
         print(f"{label:34s} {row['stock_days_per_s']:13,.0f} {row['stock_days_per_s_per_core']:9,.0f} "
               f"{100 * row['data_wait_fraction']:8.1f}% {row['gflops']:8.1f} {100 * row['fraction_of_matmul_ceiling']:7.1f}%")
     for row in overhead:
-        print(f"Ray overhead, {row['cores']} core(s) {row['precision']} D={row['batch_days']}: "
+        print(f"Ray overhead, {row['cores']} core(s) {row['precision']} D={row['batch_days']}"
+              f"{'' if row['feeder'] else ' no feeder'}: "
               f"{100 * row['overhead_fraction']:.1f}%")
 
 

@@ -94,9 +94,12 @@ class RecordingBuilder:
         from fvae_dist.models.factorvae import build_model
 
         run = ray.train.get_context().get_experiment_name()
-        original = loop.iter_day_batches
-        if not getattr(original, "_records_instruments", False):
-            loop.iter_day_batches = _recording(original, Path(self.record_dir) / f"{run}.{os.getpid()}.jsonl")
+        path = Path(self.record_dir) / f"{run}.{os.getpid()}.jsonl"
+        # training batches come through training_batches (from the feeder actor or in-process),
+        # evaluation batches through iter_day_batches
+        if not getattr(loop.training_batches, "_records_instruments", False):
+            loop.training_batches = _recording(loop.training_batches, path, "train")
+            loop.iter_day_batches = _recording(loop.iter_day_batches, path, "eval")
         return build_model(model_cfg)
 
 
@@ -112,16 +115,17 @@ def failing_once(name: str, marker_dir: Path):
     return run
 
 
-def _recording(original, path: Path):
-    def iter_day_batches(iterator, batch_days, *, drop_last=True, **options):
-        for batch in original(iterator, batch_days, drop_last=drop_last, **options):
+def _recording(original, path: Path, phase: str):
+    """`original` (a function returning batches), recording each batch's instruments."""
+    def recording(*args, **kwargs):
+        for batch in original(*args, **kwargs):
             seen = sorted({str(name) for day in batch["instruments"] for name in day})
             with open(path, "a") as handle:
-                handle.write(json.dumps({"phase": "train" if drop_last else "eval", "instruments": seen}) + "\n")
+                handle.write(json.dumps({"phase": phase, "instruments": seen}) + "\n")
             yield batch
 
-    iter_day_batches._records_instruments = True
-    return iter_day_batches
+    recording._records_instruments = True
+    return recording
 
 
 def recorded(record_dir: Path, run: str) -> dict[str, set[str]]:

@@ -115,13 +115,14 @@ def iter_day_batches(
     dropped when drop_last (training keeps step counts equal); kept for evaluation.
     background=True fetches and pads the next `prefetch_batches` batches in a thread while the
     caller computes (numpy copies and torch kernels release the GIL, so the two overlap)."""
-    batches = _day_batches(iterator, batch_days, prefetch_batches, drop_last)
+    batches = batches_of_days(iterator, batch_days, prefetch_batches, drop_last)
     if background and prefetch_batches > 0:
         return _in_background(batches, depth=prefetch_batches)
     return batches
 
 
-def _day_batches(iterator, batch_days: int, prefetch_batches: int, drop_last: bool) -> Iterator[dict]:
+def batches_of_days(iterator, batch_days: int, prefetch_batches: int, drop_last: bool) -> Iterator[dict]:
+    """iter_day_batches' batches, fetched and padded in the calling thread."""
     group: list[DaySample] = []
     for row in iterator.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch_batches):
         group.append(row_to_day(row))

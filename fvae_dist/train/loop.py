@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict, write_text_atomic
+from fvae_dist.data.feeder import EpochStream, feeder_for
 from fvae_dist.data.stream import iter_day_batches
 from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
@@ -96,25 +97,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
     events = RunEvents(run_dir / "tensorboard") if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard(cfg.data.valid_split)
-    while state.epoch < cfg.train.epochs and not state.stopped_early:
-        epoch = state.epoch
-        lr = cfg.train.lr * lr_factor(cfg.train, epoch)
-        engine.set_lr(lr)
-        train = train_one_epoch(engine, train_shard, cfg, device, world, run_dir, epoch, rank)
-        valid = evaluate_split(engine, valid_shard, cfg, device)
-        score = valid["rank_ic"] if math.isfinite(valid["rank_ic"]) else UNDEFINED_SCORE
-        if state.observe(epoch, score, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta):
-            best_weights = _cpu_copy(engine.module.state_dict())
-        metrics = epoch_metrics(epoch, lr, train, valid, score, state)
-        state.history.append(metrics)
-        state.epoch = epoch + 1
-        report_epoch(metrics, engine, state, best_weights, cfg, manifest_hash, rank, world)
-        if rank == 0:
-            events.log_epoch(epoch, metrics)
-            write_metrics(run_dir, state, manifest_hash)
-            # sys.stdout, not print: Ray Train patches print() and the line would show twice
-            sys.stdout.write(progress_line(metrics, cfg.train.epochs) + "\n")
-            sys.stdout.flush()
+    # data.feeder: a process that reads and pads this worker's training days (data/feeder.py)
+    with feeder_for(train_shard, enabled=cfg.data.feeder) as feeder:
+        upcoming = None  # the next epoch's feeder stream, started during validation
+        while state.epoch < cfg.train.epochs and not state.stopped_early:
+            epoch = state.epoch
+            lr = cfg.train.lr * lr_factor(cfg.train, epoch)
+            engine.set_lr(lr)
+            batches = upcoming or training_batches(feeder or train_shard, cfg)
+            train = train_one_epoch(engine, batches, cfg, device, world, run_dir, epoch, rank)
+            # The feeder reads the next epoch's first days while this one is validated (it would
+            # idle otherwise); an epoch early stopping then cancels goes when the feeder is stopped.
+            upcoming = training_batches(feeder, cfg) if feeder is not None and epoch + 1 < cfg.train.epochs else None
+            valid = evaluate_split(engine, valid_shard, cfg, device)
+            score = valid["rank_ic"] if math.isfinite(valid["rank_ic"]) else UNDEFINED_SCORE
+            if state.observe(epoch, score, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta):
+                best_weights = _cpu_copy(engine.module.state_dict())
+            metrics = epoch_metrics(epoch, lr, train, valid, score, state)
+            state.history.append(metrics)
+            state.epoch = epoch + 1
+            report_epoch(metrics, engine, state, best_weights, cfg, manifest_hash, rank, world)
+            if rank == 0:
+                events.log_epoch(epoch, metrics)
+                write_metrics(run_dir, state, manifest_hash)
+                # sys.stdout, not print: Ray Train patches print() and the line would show twice
+                sys.stdout.write(progress_line(metrics, cfg.train.epochs) + "\n")
+                sys.stdout.flush()
 
     final = final_evaluation(engine, best_weights, loop_config.get("eval_splits", ()), cfg, device)
     ray.train.report(_finite_only({f"final_{split}_{key}": value for split, values in final.items() for key, value in values.items()}))
@@ -128,13 +136,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # Epoch pieces
 # ----------------------------------------------------------------------------------------------
 
-def train_one_epoch(engine, shard, cfg: ExperimentConfig, device, world: int, run_dir: Path, epoch: int, rank: int) -> dict:
+def training_batches(source, cfg: ExperimentConfig):
+    """One epoch of this worker's training batches: from its feeder actor (data.feeder, the
+    feeder starts reading at once) or from its Ray Data shard in background threads."""
+    if cfg.data.feeder:
+        return EpochStream(source, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches, drop_last=True)
+    return iter_day_batches(source, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches,
+                            drop_last=True, background=True)
+
+
+def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, run_dir: Path, epoch: int, rank: int) -> dict:
     """One pass over this worker's share of the training days; returns all-worker averages."""
-    batches = iter_day_batches(shard, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches,
-                               drop_last=True, background=True)
     engine.module.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl (sums over steps)
-    steps, stock_days, waited = 0, 0, 0.0
+    steps, stock_days, waited, stepping = 0, 0, 0.0, 0.0
     dates: list[str] = []
     start = time.perf_counter()
     while True:
@@ -146,7 +161,9 @@ def train_one_epoch(engine, shard, cfg: ExperimentConfig, device, world: int, ru
         if not _all_workers_have(batch is not None, world, device):
             break
         x, mask, y = to_device(batch, device)
+        before = time.perf_counter()
         out = engine.train_step(x, mask, y)
+        stepping += time.perf_counter() - before
         sums += torch.stack([out["loss"].detach(), out["nll"].detach(), out["kl"].detach()]).double()
         steps += 1
         stock_days += int(batch["mask"].sum())
@@ -157,9 +174,9 @@ def train_one_epoch(engine, shard, cfg: ExperimentConfig, device, world: int, ru
     if cfg.train.audit_days:
         write_text_atomic(run_dir / "audit" / f"epoch-{epoch:04d}-rank-{rank}.json",
                           json.dumps({"epoch": epoch, "rank": rank, "steps": steps, "dates": dates}))
-    totals = torch.cat([sums.cpu(), torch.tensor([steps, stock_days, waited, elapsed], dtype=torch.float64)])
+    totals = torch.cat([sums.cpu(), torch.tensor([steps, stock_days, waited, stepping, elapsed], dtype=torch.float64)])
     totals = _all_reduce_sum(totals, device)
-    loss, nll, kl, all_steps, all_stock_days, all_waited, all_elapsed = totals.tolist()
+    loss, nll, kl, all_steps, all_stock_days, all_waited, all_stepping, all_elapsed = totals.tolist()
     per_step = max(all_steps, 1.0)
     mean_elapsed = all_elapsed / world
     return {
@@ -171,6 +188,7 @@ def train_one_epoch(engine, shard, cfg: ExperimentConfig, device, world: int, ru
         "seconds": mean_elapsed,
         "stock_days_per_s": all_stock_days / mean_elapsed if mean_elapsed > 0 else 0.0,
         "data_wait_fraction": all_waited / all_elapsed if all_elapsed > 0 else 0.0,
+        "step_fraction": all_stepping / all_elapsed if all_elapsed > 0 else 0.0,
     }
 
 
@@ -187,6 +205,7 @@ def epoch_metrics(epoch: int, lr: float, train: dict, valid: dict, score: float,
     metrics.update(
         perf_stock_days_per_s=train["stock_days_per_s"],
         perf_data_wait_fraction=train["data_wait_fraction"],
+        perf_step_fraction=train["step_fraction"],
         perf_epoch_seconds=train["seconds"],
         checkpoint_score=score,
         best_epoch=state.best_epoch,

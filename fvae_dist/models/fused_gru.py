@@ -1,0 +1,164 @@
+"""FusedGRU: torch.nn.GRU with a faster CPU path for training (eq. 4's GRU, and the baselines').
+
+Same parameters (weight_ih_l0, ...), same state_dict, same function; only the CPU arithmetic is
+arranged differently. Per layer:
+
+    gi = x W_ih^T + b_ih                   one (S*T, I) x (I, 3H) product for all time steps
+    for t = 1..T:                          the recurrence, T small products + one fused kernel
+        gh = h_{t-1} W_hh^T + b_hh         (S, H) x (H, 3H); b_hh's r, z parts are folded into gi
+        r, z, n, h_t = gates(gi_t, gh)     native/gru_cell.cpp, one pass over (S, 3H)
+and backward by hand: T fused gate-gradient passes and T (S, 3H) x (3H, H) products for the
+recurrence, then the weight gradients as two large products over all S*T rows at once.
+
+Why: torch's CPU GRU runs every gate's sigmoid/tanh/add/multiply as its own tensor op, forward
+and, through autograd, backward (about 30 ops per time step); at FactorVAE's size (S=300 stocks,
+T=20, H=64) that bookkeeping costs as much as the products themselves. bench_train.py's
+"gru_kernels" section times both.
+
+Mixed precision: under CPU bf16 autocast the products run in bfloat16 (as autocast would run
+them) while the gates, the hidden state and the gradients carried between steps stay float32.
+
+The fused path is taken on CPU for a batch_first, unidirectional GRU with biases, no initial
+state and float32 parameters, when the native kernels are available (native/build.py); anything
+else, CUDA included, runs torch.nn.GRU itself.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fvae_dist.models.native.build import load_gru_kernels
+
+
+class FusedGRU(nn.GRU):
+    """A drop-in torch.nn.GRU (batch_first=True) with the fused CPU path described above."""
+
+    def forward(self, input, hx=None):  # noqa: A002 (nn.GRU's own argument name)
+        kernels = self._fused_kernels(input, hx)
+        if kernels is None:
+            return super().forward(input, hx)
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        layer_input, time_major = input, False
+        last_states = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+            weights = [getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            states, last = _GRULayer.apply(layer_input, *weights, time_major, bf16, kernels)
+            layer_input, time_major = states, True                     # (T, S, H) feeds the next layer
+            last_states.append(last)
+        output = layer_input.transpose(0, 1)                           # (S, T, H), batch_first
+        return output, torch.stack(last_states)                        # (num_layers, S, H)
+
+    def _fused_kernels(self, input, hx):
+        fused = (
+            hx is None and self.batch_first and not self.bidirectional and self.bias and self.proj_size == 0
+            and isinstance(input, Tensor) and input.dim() == 3 and input.device.type == "cpu"
+            and input.shape[0] > 0 and input.shape[1] > 0
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in self._flat_weights)
+        )
+        return load_gru_kernels() if fused else None
+
+
+class _GRULayer(torch.autograd.Function):
+    """One GRU layer over a whole sequence. Returns (states (T, S, H), last state (S, H)).
+
+    x is (S, T, I) batch-first, or (T, S, I) when time_major (a lower layer's states)."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, time_major: bool, bf16: bool, kernels):
+        with torch.autocast("cpu", enabled=False):
+            mm_dtype = torch.bfloat16 if bf16 else torch.float32
+            T, S = (x.shape[0], x.shape[1]) if time_major else (x.shape[1], x.shape[0])
+            H = w_hh.shape[1]
+            x_mm = x.to(mm_dtype).contiguous()
+            w_ih_mm, w_hh_mm = w_ih.to(mm_dtype), w_hh.to(mm_dtype)
+            # r and z only see gi + gh, so b_hh's r and z parts join gi's bias (added once, not T
+            # times); b_hn stays apart, it is multiplied by r.
+            b_gi = torch.cat([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]]).to(mm_dtype)
+            b_hn = b_hh[2 * H :].detach().float().contiguous()
+            gi = torch.addmm(b_gi, x_mm.reshape(-1, x.shape[-1]), w_ih_mm.t())  # (S*T or T*S, 3H)
+            gi_step = _StepRows(gi, T, S, time_major)
+
+            states = x.new_empty((T + 1, S, H), dtype=torch.float32)   # states[0] = h_0 = 0
+            states[0].zero_()
+            gates = x.new_empty((T, 4, S, H), dtype=torch.float32)     # r, z, n, gh_n per step
+            gh = x.new_empty((S, 3 * H), dtype=mm_dtype)
+            h_mm = x.new_zeros((S, H), dtype=mm_dtype) if bf16 else None  # bf16 copy of h_{t-1}
+            forward_step = kernels.fvae_gru_forward_step_bf16 if bf16 else kernels.fvae_gru_forward_step_f32
+            w_hh_t = w_hh_mm.t()
+            # Per-step pointers by arithmetic: indexing tensors T times per call costs more than
+            # the small kernels it feeds.
+            state_ptr, gates_ptr = _steps(states), _steps(gates)
+            h_mm_ptr, gh_ptr = (h_mm.data_ptr() if bf16 else None), gh.data_ptr()
+            matmul_h = [h_mm] * T if bf16 else states.unbind(0)        # the operand of gh at step t
+            for t in range(T):
+                if t == 0:
+                    gh.zero_()                                         # h_0 = 0
+                else:
+                    torch.mm(matmul_h[t], w_hh_t, out=gh)              # (S, 3H), bias-free
+                forward_step(S, H, gi_step.pointer(t), gi_step.stride, gh_ptr, b_hn.data_ptr(), state_ptr(t),
+                             state_ptr(t + 1), h_mm_ptr, gates_ptr(t))
+
+        ctx.save_for_backward(x_mm, w_ih_mm, w_hh_mm, states, gates)
+        ctx.shape, ctx.time_major, ctx.bf16, ctx.kernels = (T, S, H), time_major, bf16, kernels
+        ctx.x_dtype = x.dtype
+        ctx.set_materialize_grads(False)
+        return states[1:], states[T].clone()
+
+    @staticmethod
+    def backward(ctx, grad_states, grad_last):
+        x_mm, w_ih_mm, w_hh_mm, states, gates = ctx.saved_tensors
+        (T, S, H), bf16 = ctx.shape, ctx.bf16
+        mm_dtype = w_hh_mm.dtype
+        dh_carry = grad_last.float().clone(memory_format=torch.contiguous_format) if grad_last is not None \
+            else states.new_zeros((S, H))
+        if grad_states is not None:
+            grad_states = grad_states.float().contiguous()             # (T, S, H)
+            out_row_ptr, out_stride = _steps(grad_states), H
+        else:                                                          # one zero row, stride 0
+            zero_row = states.new_zeros(H)
+            out_row_ptr, out_stride = (lambda t: zero_row.data_ptr()), 0
+        dgi = x_mm.new_empty((T * S, 3 * H), dtype=mm_dtype)           # laid out like gi
+        dgi_step = _StepRows(dgi, T, S, ctx.time_major)
+        dgh = x_mm.new_empty((T, S, 3 * H), dtype=mm_dtype)
+        dh_mm = x_mm.new_zeros((S, H), dtype=mm_dtype)                 # dgh_{t+1} W_hh (0 after h_T)
+        backward_step = ctx.kernels.fvae_gru_backward_step_bf16 if bf16 else ctx.kernels.fvae_gru_backward_step_f32
+        state_ptr, gates_ptr, dgh_ptr = _steps(states), _steps(gates), _steps(dgh)
+        dh_carry_ptr, dh_mm_ptr, dgh_steps = dh_carry.data_ptr(), dh_mm.data_ptr(), dgh.unbind(0)
+        for t in reversed(range(T)):
+            backward_step(S, H, out_row_ptr(t), out_stride, dh_carry_ptr, dh_mm_ptr, gates_ptr(t), state_ptr(t),
+                          dgi_step.pointer(t), dgi_step.stride, dgh_ptr(t))
+            if t > 0:                                                  # h_0 is a constant
+                torch.mm(dgh_steps[t], w_hh_mm, out=dh_mm)
+
+        x_rows = x_mm.reshape(-1, x_mm.shape[-1])                       # (S*T, I), rows match dgi's
+        dx = (dgi @ w_ih_mm).reshape(x_mm.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        dw_ih = (dgi.t() @ x_rows).float()                             # (3H, I)
+        db_ih = dgi.sum(dim=0, dtype=torch.float32)
+        # gh_t = h_{t-1} W_hh^T for t >= 2 (h_0 = 0 adds nothing): one product over all those rows
+        h_prev = states[1:T].to(mm_dtype).reshape(-1, H)               # ((T-1)*S, H)
+        dw_hh = (dgh[1:].reshape(-1, 3 * H).t() @ h_prev).float()      # (3H, H)
+        db_hh = dgh.reshape(-1, 3 * H).sum(dim=0, dtype=torch.float32)
+        return dx, dw_ih, dw_hh, db_ih, db_hh, None, None, None
+
+
+def _steps(tensor: Tensor):
+    """t -> address of tensor[t] (tensor contiguous): per-step pointers without indexing."""
+    base, step = tensor.data_ptr(), tensor[0].numel() * tensor.element_size()
+    return lambda t: base + t * step
+
+
+class _StepRows:
+    """Where time step t's S rows of a (rows, 3H) gate matrix start, and their row stride: rows
+    are (s, t) pairs in x's layout, s * T + t batch-first or t * S + s time-major."""
+
+    def __init__(self, matrix: Tensor, T: int, S: int, time_major: bool):
+        width, itemsize = matrix.shape[1], matrix.element_size()
+        self.base = matrix.data_ptr()
+        self.step_offset = (S * width if time_major else width) * itemsize
+        self.stride = width if time_major else T * width               # elements between a step's rows
+
+    def pointer(self, t: int) -> int:
+        return self.base + t * self.step_offset

@@ -1,0 +1,171 @@
+// The elementwise half of a GRU time step, forward and backward, fused into one pass each.
+//
+// fvae_dist/models/fused_gru.py does the matrix products with torch (MKL / oneDNN) and calls
+// these kernels once per time step. torch's own CPU GRU runs each gate's sigmoid, tanh, add
+// and multiply as separate tensor ops, forward and (through autograd) backward: about 30 ops
+// per time step, each a pass over memory plus dispatch. Here each direction is one pass.
+//
+// Gate order and equations are torch.nn.GRU's (r, z, n):
+//   r = sigmoid(gi_r + gh_r)      z = sigmoid(gi_z + gh_z)
+//   n = tanh(gi_n + r * gh_n)     h = (1 - z) * n + z * h_prev
+// with gi = x W_ih^T + b_ih and gh = h_prev W_hh^T + b_hh, both (S, 3H). The caller folds the r
+// and z parts of b_hh into gi's bias (they only ever appear in the sums gi + gh), so gh arrives
+// here without bias and b_hn, the n part of b_hh, is added here.
+//
+// "MT" is the dtype of the matrix-product operands and results: float (fp32 training) or
+// bfloat16 (bf16 training, stored as uint16_t). Gate activations, the hidden state and every
+// gradient carried between steps stay float32, as torch's autocast keeps them.
+//
+// Built by fvae_dist/models/native/build.py with -O3 -march=native; the loops over a row are
+// written branch-free so that the compiler vectorises them (exp included).
+#include <cstdint>
+
+namespace {
+
+// ---- dtype conversion ------------------------------------------------------------------------
+
+inline float load(const float* p, long i) { return p[i]; }
+inline float load(const uint16_t* p, long i) {
+    return __builtin_bit_cast(float, static_cast<uint32_t>(p[i]) << 16);  // bf16: a float32's top half
+}
+
+inline void store(float* p, long i, float value) { p[i] = value; }
+inline void store(uint16_t* p, long i, float value) {
+    uint32_t bits = __builtin_bit_cast(uint32_t, value);
+    bits += 0x7FFFu + ((bits >> 16) & 1u);  // round to nearest, ties to even (torch's rounding)
+    p[i] = static_cast<uint16_t>(bits >> 16);
+}
+
+// ---- exp, sigmoid, tanh ----------------------------------------------------------------------
+
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to
+// r^7 (relative error below 1e-8 on that interval, under float32's own rounding). No calls and
+// no branches, so a loop over it vectorises; the clamp keeps 2^n a normal float.
+inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float shifter = 12582912.0f;                      // 1.5 * 2^23: adding it rounds to an integer
+    float n = (x * 1.44269504088896341f + shifter) - shifter;
+    float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-06f;  // ln 2 split in two
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t exponent = (static_cast<int32_t>(n) + 127) << 23;
+    return p * __builtin_bit_cast(float, exponent);
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+
+// ---- one time step, forward ------------------------------------------------------------------
+
+// gi: row s at gi + s * gi_stride, 3H values; gh: (S, 3H) contiguous, no bias; b_hn: (H,) float;
+// h_prev, h: (S, H) float. Saves the four (S, H) arrays backward needs: r, z, n and
+// gh_n + b_hn (saved: (4, S, H)).
+// h_mm (may be null): a copy of h in the product dtype, the next step's matmul operand.
+template <typename MT>
+void forward_step(long S, long H, const MT* __restrict__ gi, long gi_stride, const MT* __restrict__ gh,
+                  const float* __restrict__ b_hn, const float* __restrict__ h_prev, float* __restrict__ h, MT* __restrict__ h_mm,
+                  float* __restrict__ saved) {
+    float* __restrict__ r_out = saved;
+    float* __restrict__ z_out = saved + S * H;
+    float* __restrict__ n_out = saved + 2 * S * H;
+    float* __restrict__ ghn_out = saved + 3 * S * H;
+    for (long s = 0; s < S; ++s) {
+        const MT* __restrict__ gi_row = gi + s * gi_stride;
+        const MT* __restrict__ gh_row = gh + s * 3 * H;
+        const long o = s * H;
+        for (long j = 0; j < H; ++j) {
+            const float r = sigmoid(load(gi_row, j) + load(gh_row, j));
+            const float z = sigmoid(load(gi_row, H + j) + load(gh_row, H + j));
+            const float gh_n = load(gh_row, 2 * H + j) + b_hn[j];
+            const float n = tanh_approx(load(gi_row, 2 * H + j) + r * gh_n);
+            const float hp = h_prev[o + j];
+            const float h_new = n + z * (hp - n);  // (1 - z) n + z h_prev
+            h[o + j] = h_new;
+            r_out[o + j] = r;
+            z_out[o + j] = z;
+            n_out[o + j] = n;
+            ghn_out[o + j] = gh_n;
+        }
+        if (h_mm != nullptr) {
+            for (long j = 0; j < H; ++j) store(h_mm, o + j, h[o + j]);
+        }
+    }
+}
+
+// ---- one time step, backward -----------------------------------------------------------------
+
+// dh, the gradient reaching h_t, is the sum of three parts (none may be null; pass zeros, with
+// dh_out_stride = 0 for one shared zero row, where a part is absent):
+//   dh_out   (rows at dh_out + s * dh_out_stride): from the layer's output sequence
+//   dh_carry ((S, H) float): z * dh of the step after, the direct path h_prev -> h
+//   dh_mm    ((S, H) MT): dgh W_hh of the step after, the path through gh
+// Writes dgi (rows at dgi + s * dgi_stride, 3H values, = d gate pre-activations) and
+// dgh ((S, 3H): the same for gh, whose n part is scaled by r), and overwrites dh_carry with
+// z * dh for the step before.
+template <typename MT>
+void backward_step(long S, long H, const float* __restrict__ dh_out, long dh_out_stride,
+                   float* __restrict__ dh_carry, const MT* __restrict__ dh_mm, const float* __restrict__ saved,
+                   const float* __restrict__ h_prev, MT* __restrict__ dgi, long dgi_stride, MT* __restrict__ dgh) {
+    const float* r_in = saved;
+    const float* z_in = saved + S * H;
+    const float* n_in = saved + 2 * S * H;
+    const float* ghn_in = saved + 3 * S * H;
+    for (long s = 0; s < S; ++s) {
+        const long o = s * H;
+        MT* __restrict__ dgi_row = dgi + s * dgi_stride;
+        MT* __restrict__ dgh_row = dgh + s * 3 * H;
+        const float* __restrict__ out_row = dh_out + s * dh_out_stride;
+        for (long j = 0; j < H; ++j) {
+            const float dh = dh_carry[o + j] + out_row[j] + load(dh_mm, o + j);
+            const float r = r_in[o + j], z = z_in[o + j], n = n_in[o + j];
+            const float d_n_pre = dh * (1.0f - z) * (1.0f - n * n);          // through tanh
+            const float d_z_pre = dh * (h_prev[o + j] - n) * z * (1.0f - z);  // through sigmoid
+            const float d_r_pre = d_n_pre * ghn_in[o + j] * r * (1.0f - r);
+            store(dgi_row, j, d_r_pre);
+            store(dgi_row, H + j, d_z_pre);
+            store(dgi_row, 2 * H + j, d_n_pre);
+            store(dgh_row, j, d_r_pre);
+            store(dgh_row, H + j, d_z_pre);
+            store(dgh_row, 2 * H + j, d_n_pre * r);
+            dh_carry[o + j] = dh * z;
+        }
+    }
+}
+
+}  // namespace
+
+// ---- C entry points (ctypes) -----------------------------------------------------------------
+
+extern "C" {
+
+int fvae_gru_abi_version() { return 2; }
+
+void fvae_gru_forward_step_f32(long S, long H, const float* gi, long gi_stride, const float* gh, const float* b_hn,
+                               const float* h_prev, float* h, float* h_mm, float* saved) {
+    forward_step<float>(S, H, gi, gi_stride, gh, b_hn, h_prev, h, h_mm, saved);
+}
+
+void fvae_gru_forward_step_bf16(long S, long H, const uint16_t* gi, long gi_stride, const uint16_t* gh,
+                                const float* b_hn, const float* h_prev, float* h, uint16_t* h_mm, float* saved) {
+    forward_step<uint16_t>(S, H, gi, gi_stride, gh, b_hn, h_prev, h, h_mm, saved);
+}
+
+void fvae_gru_backward_step_f32(long S, long H, const float* dh_out, long dh_out_stride, float* dh_carry,
+                                const float* dh_mm, const float* saved, const float* h_prev, float* dgi,
+                                long dgi_stride, float* dgh) {
+    backward_step<float>(S, H, dh_out, dh_out_stride, dh_carry, dh_mm, saved, h_prev, dgi, dgi_stride, dgh);
+}
+
+void fvae_gru_backward_step_bf16(long S, long H, const float* dh_out, long dh_out_stride, float* dh_carry,
+                                 const uint16_t* dh_mm, const float* saved, const float* h_prev, uint16_t* dgi,
+                                 long dgi_stride, uint16_t* dgh) {
+    backward_step<uint16_t>(S, H, dh_out, dh_out_stride, dh_carry, dh_mm, saved, h_prev, dgi, dgi_stride, dgh);
+}
+
+}  // extern "C"

@@ -1,0 +1,80 @@
+"""data/feeder.py: a worker's training batches read and padded in a separate actor."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from fvae_dist.data.feeder import EpochStream, feeder_for
+from fvae_dist.data.stream import day_dataset, iter_day_batches, shuffled_each_epoch
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
+
+def _by_date(batches) -> dict:
+    """date -> (x, y, instruments) of every real stock, from batches of any D."""
+    days = {}
+    for batch in batches:
+        for d, date in enumerate(batch["date"]):
+            n = int(batch["mask"][d].sum())
+            days[str(date)] = (batch["x"][d, :n], batch["y"][d, :n], batch["instruments"][d])
+    return days
+
+
+def test_feeder_batches_equal_the_in_process_ones(ray_local, toy_dir):
+    ds = day_dataset(toy_dir, "valid")
+    expected = _by_date(iter_day_batches(ds, 3, drop_last=False))
+    with feeder_for(ds) as feeder:
+        fed = list(EpochStream(feeder, 3, prefetch_batches=2, drop_last=False))
+    assert [b["mask"].shape[0] for b in fed[:-1]] == [3] * (len(fed) - 1)
+    assert set(fed[0]) == {"x", "mask", "y", "label", "date", "instruments"}
+    got = _by_date(fed)
+    assert set(got) == set(expected)
+    for date, (x, y, instruments) in expected.items():
+        np.testing.assert_array_equal(got[date][0], x)
+        np.testing.assert_array_equal(got[date][1], y)
+        np.testing.assert_array_equal(got[date][2], instruments)
+    # torch.from_numpy needs writable arrays; the object store hands out read-only views
+    assert all(b["x"].flags.writeable and b["mask"].flags.writeable for b in fed)
+
+
+def test_every_epoch_is_a_new_pass_in_a_new_order(ray_local, toy_dir):
+    ds = shuffled_each_epoch(day_dataset(toy_dir, "train"), seed=5)
+    with feeder_for(ds) as feeder:
+        orders = [[str(b["date"][0]) for b in EpochStream(feeder, 1, prefetch_batches=4, drop_last=True)]
+                  for _ in range(2)]
+    assert sorted(orders[0]) == sorted(orders[1]) and len(orders[0]) == ds.count()
+    assert orders[0] != orders[1]
+
+
+def test_an_epoch_closed_early_does_not_block_the_next(ray_local, toy_dir):
+    ds = day_dataset(toy_dir, "train")
+    with feeder_for(ds) as feeder:
+        stream = EpochStream(feeder, 1, prefetch_batches=1, drop_last=True)
+        next(stream)
+        stream.close()  # the feeder's epoch call must finish, or the next one queues behind it
+        days = [str(b["date"][0]) for b in EpochStream(feeder, 1, prefetch_batches=1, drop_last=True)]
+    assert len(days) == ds.count() == len(set(days))
+
+
+def test_streaming_split_shares_stay_disjoint_and_equal(ray_local, toy_dir):
+    """What Ray Train does: one streaming_split iterator per worker, here one feeder each."""
+    ds = shuffled_each_epoch(day_dataset(toy_dir, "train"), seed=1)
+    splits = ds.streaming_split(2, equal=True)
+    seen: dict[int, list[list[str]]] = {0: [], 1: []}
+
+    def consume(rank, feeder):
+        for _ in range(2):  # all splits must start each epoch together, hence the threads
+            seen[rank].append([str(b["date"][0]) for b in EpochStream(feeder, 1, prefetch_batches=2, drop_last=True)])
+
+    with feeder_for(splits[0]) as first, feeder_for(splits[1]) as second:
+        threads = [threading.Thread(target=consume, args=(rank, feeder)) for rank, feeder in ((0, first), (1, second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=150)
+    for epoch in range(2):
+        a, b = seen[0][epoch], seen[1][epoch]
+        assert len(a) == len(b) > 0
+        assert not set(a) & set(b)
+        assert len(a) + len(b) >= ds.count() - 1  # equal=True may drop one leftover day
