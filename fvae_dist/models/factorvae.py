@@ -158,10 +158,14 @@ class FeatureExtractor(nn.Module):
         D, N = mask.shape
         # One fused GRU call over the real stocks of all days (S = mask.sum() sequences):
         # padded slots cost nothing and whatever they hold never enters the network.
-        x_real = x[mask].to(self.proj.weight.dtype)                  # (S, T, C)
+        # Without padding (one day per step) no gather/scatter is needed.
+        unpadded = bool(mask.all())
+        x_real = (x.flatten(0, 1) if unpadded else x[mask]).to(self.proj.weight.dtype)  # (S, T, C)
         h_proj = self.act(self.proj(x_real))                          # (S, T, H)  eq. 4, first line
         _, h_last = self.gru(h_proj)                                   # (1, S, H)  eq. 4, second line
         e_real = h_last[0]                                             # (S, H)     e = h_gru^(T)
+        if unpadded:
+            return e_real.unflatten(0, (D, N))                         # (D, N, H)
         e = e_real.new_zeros(D, N, e_real.shape[-1])                   # (D, N, H)
         e[mask] = e_real
         return e                                                       # (D, N, H), 0 at padding
