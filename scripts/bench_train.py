@@ -13,6 +13,8 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
     models' FusedGRU, the share of the step that the GRU bounds
   * what bf16 does to quality: test Rank IC of the demo configuration trained in fp32 and in
     bf16 with the same seeds (Ray Train, 2 workers)
+  * the 1-thread plain loop beside a busy neighbour process on the other core (compute-bound,
+    then memory-bound): how much of Ray's overhead is shared cache and memory bandwidth
   * Ray's overhead against the plain loop at the same core count, the fraction of the epoch the
     workers wait for input, achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one
     training step) against the matmul ceiling, and the per-core rate against the 20,000
@@ -75,6 +77,7 @@ def main() -> None:
     plain = [max(attempts, key=lambda row: row["stock_days_per_s"]) for attempts in zip(*runs)]
     for row, attempts in zip(plain, zip(*runs)):
         row["attempts_stock_days_per_s"] = [a["stock_days_per_s"] for a in attempts]
+    neighbours = neighbour_sensitivity(days, max_steps=12 if args.quick else 40) if cores > 1 else None
     data_only = ray_data_only(dataset) if not args.skip_ray else None
 
     ray_results = []
@@ -114,6 +117,7 @@ def main() -> None:
         "ray_train": ray_results,
         "ray_overhead_vs_plain": overhead,
         "ray_data_input_only": data_only,
+        "plain_loop_beside_a_neighbour": neighbours,
         "precision_quality": quality,
         "load_average_1m_at_end": os.getloadavg()[0],
         "quick": args.quick,
@@ -326,6 +330,39 @@ def precision_quality(dataset: Path, seeds: tuple) -> dict:
     mean = {p: float(np.mean([r["test_rank_ic"] for r in rows if r["precision"] == p])) for p in ("fp32", "bf16")}
     return {"config": "tune_configs/demo.yaml", "runs": rows, "mean_test_rank_ic": mean,
             "bf16_minus_fp32": mean["bf16"] - mean["fp32"]}
+
+
+def neighbour_sensitivity(days: list, max_steps: int) -> list:
+    """The 1-thread plain loop alone, then with another process busy on the other core: one
+    that only computes (a Python loop) and one that streams memory (copying 32 MB arrays).
+    A Ray worker always has such neighbours (its feeder, Ray Data, the raylet): this separates
+    what they cost through the shared cache and memory bandwidth from Ray's own overhead."""
+    import subprocess
+
+    hogs = {
+        "compute": "import time\nt = time.time()\nwhile time.time() - t < 600: sum(range(10000))",
+        "memory": ("import time, numpy as np\na = np.ones(8_000_000, np.float32); b = np.empty_like(a)\n"
+                   "t = time.time()\nwhile time.time() - t < 600: np.copyto(b, a)"),
+    }
+    rows = []
+    for precision, batch_days in (("fp32", 4), ("bf16", 4), ("bf16", 1)):
+        row = {"precision": precision, "batch_days": batch_days}
+        for neighbour in ("none", "compute", "memory"):
+            hog = subprocess.Popen([sys.executable, "-c", hogs[neighbour]]) if neighbour != "none" else None
+            try:
+                time.sleep(0.5 if hog else 0)
+                row[neighbour] = plain_loop(days, precision=precision, batch_days=batch_days, threads=1,
+                                            max_steps=max_steps)["stock_days_per_s"]
+            finally:
+                if hog:
+                    hog.kill()
+                    hog.wait()
+        row["slowdown_memory"] = 1.0 - row["memory"] / row["none"]
+        row["slowdown_compute"] = 1.0 - row["compute"] / row["none"]
+        print(f"neighbour {precision} D={batch_days}: alone {row['none']:,.0f}, beside a compute loop "
+              f"{row['compute']:,.0f}, beside a memory copy loop {row['memory']:,.0f} stock-days/s")
+        rows.append(row)
+    return rows
 
 
 def ray_data_only(dataset: Path) -> dict:

@@ -12,7 +12,8 @@ gets its own disjoint days and all workers get the same number of them.
 
 Worker side (`iter_day_batches`): the worker's share arrives one day at a time (batch_size=1
 never asks Ray Data to concatenate tensors of different N) and is grouped into batches of D
-days, padded to the largest N by `collate_days`.
+days, padded to the largest N by `collate_days`. Training runs this in the worker's feeder actor
+(data/feeder.py), evaluation in the worker itself.
 
 Rows: date (int64 days since 1970-01-01), instruments (list of str), x [N, T, C] float32,
 y [N] float32 (CSRankNorm target), label [N] float32 (raw LABEL0).

@@ -3,9 +3,11 @@
     train_loop_per_worker(loop_config)        the TorchTrainer's train_loop_per_worker
 
 Read top to bottom: set threads and seeds, build the model and its engine (DDP or DeepSpeed),
-resume from Ray's latest checkpoint if there is one, then per epoch:
-    train on this worker's days -> validate (all workers, sums all-reduced) -> early-stopping
-    bookkeeping -> ray.train.report(metrics, checkpoint) -> rank 0: metrics.json + TensorBoard
+resume from Ray's latest checkpoint if there is one, start this worker's feeder actor (it reads
+and pads the training days in its own process, data/feeder.py), then per epoch:
+    train on this worker's days -> (the feeder starts on the next epoch's days) -> validate (all
+    workers, sums all-reduced) -> early-stopping bookkeeping -> ray.train.report(metrics,
+    checkpoint) -> rank 0: metrics.json + TensorBoard
 and at the end score the best epoch's weights on the validation and test splits.
 
 loop_config (plain data, built by train/trainer.py):
