@@ -41,7 +41,6 @@ from torch import Tensor, nn
 
 from fvae_dist.errors import ConfigError, DataError
 from fvae_dist.models.fused_gru import FusedGRU
-from fvae_dist.models.fused_gru import FusedGRU
 
 VARIANTS = ("factorvae", "prior", "port")
 
