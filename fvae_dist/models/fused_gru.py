@@ -85,23 +85,25 @@ class _GRULayer(torch.autograd.Function):
             states[0].zero_()
             gates = x.new_empty((T, 4, S, H), dtype=torch.float32)     # r, z, n, gh_n per step
             gh = x.new_empty((S, 3 * H), dtype=mm_dtype)
-            h_mm = x.new_zeros((S, H), dtype=mm_dtype) if bf16 else None  # bf16 copy of h_{t-1}
+            # The states as product operands: under bf16 the kernel also writes each h_t in bf16,
+            # for the next step's product and for backward's weight gradient.
+            states_mm = x.new_zeros((T + 1, S, H), dtype=mm_dtype) if bf16 else states
             forward_step = kernels.fvae_gru_forward_step_bf16 if bf16 else kernels.fvae_gru_forward_step_f32
             w_hh_t = w_hh_mm.t()
             # Per-step pointers by arithmetic: indexing tensors T times per call costs more than
             # the small kernels it feeds.
-            state_ptr, gates_ptr = _steps(states), _steps(gates)
-            h_mm_ptr, gh_ptr = (h_mm.data_ptr() if bf16 else None), gh.data_ptr()
-            matmul_h = [h_mm] * T if bf16 else states.unbind(0)        # the operand of gh at step t
+            state_ptr, gates_ptr, gh_ptr = _steps(states), _steps(gates), gh.data_ptr()
+            state_mm_ptr = _steps(states_mm) if bf16 else (lambda t: None)
+            states_mm_steps = states_mm.unbind(0)
             for t in range(T):
                 if t == 0:
                     gh.zero_()                                         # h_0 = 0
                 else:
-                    torch.mm(matmul_h[t], w_hh_t, out=gh)              # (S, 3H), bias-free
+                    torch.mm(states_mm_steps[t], w_hh_t, out=gh)       # (S, 3H), bias-free
                 forward_step(S, H, gi_step.pointer(t), gi_step.stride, gh_ptr, b_hn.data_ptr(), state_ptr(t),
-                             state_ptr(t + 1), h_mm_ptr, gates_ptr(t))
+                             state_ptr(t + 1), state_mm_ptr(t + 1), gates_ptr(t))
 
-        ctx.save_for_backward(x_mm, w_ih_mm, w_hh_mm, states, gates)
+        ctx.save_for_backward(x_mm, w_ih_mm, w_hh_mm, states, states_mm, gates)
         ctx.shape, ctx.time_major, ctx.bf16, ctx.kernels = (T, S, H), time_major, bf16, kernels
         ctx.x_dtype = x.dtype
         ctx.set_materialize_grads(False)
@@ -109,7 +111,7 @@ class _GRULayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_states, grad_last):
-        x_mm, w_ih_mm, w_hh_mm, states, gates = ctx.saved_tensors
+        x_mm, w_ih_mm, w_hh_mm, states, states_mm, gates = ctx.saved_tensors
         (T, S, H), bf16 = ctx.shape, ctx.bf16
         mm_dtype = w_hh_mm.dtype
         dh_carry = grad_last.float().clone(memory_format=torch.contiguous_format) if grad_last is not None \
@@ -138,7 +140,7 @@ class _GRULayer(torch.autograd.Function):
         dw_ih = (dgi.t() @ x_rows).float()                             # (3H, I)
         db_ih = dgi.sum(dim=0, dtype=torch.float32)
         # gh_t = h_{t-1} W_hh^T for t >= 2 (h_0 = 0 adds nothing): one product over all those rows
-        h_prev = states[1:T].to(mm_dtype).reshape(-1, H)               # ((T-1)*S, H)
+        h_prev = states_mm[1:T].reshape(-1, H)                         # ((T-1)*S, H)
         dw_hh = (dgh[1:].reshape(-1, 3 * H).t() @ h_prev).float()      # (3H, H)
         db_hh = dgh.reshape(-1, 3 * H).sum(dim=0, dtype=torch.float32)
         return dx, dw_ih, dw_hh, db_ih, db_hh, None, None, None

@@ -66,7 +66,8 @@ inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x))
 // gi: row s at gi + s * gi_stride, 3H values; gh: (S, 3H) contiguous, no bias; b_hn: (H,) float;
 // h_prev, h: (S, H) float. Saves the four (S, H) arrays backward needs: r, z, n and
 // gh_n + b_hn (saved: (4, S, H)).
-// h_mm (may be null): a copy of h in the product dtype, the next step's matmul operand.
+// h_mm (may be null): a copy of h in the product dtype, the next step's matmul operand and
+// backward's operand for the W_hh gradient.
 template <typename MT>
 void forward_step(long S, long H, const MT* __restrict__ gi, long gi_stride, const MT* __restrict__ gh,
                   const float* __restrict__ b_hn, const float* __restrict__ h_prev, float* __restrict__ h, MT* __restrict__ h_mm,
