@@ -49,3 +49,15 @@ def assert_rejects_bad_batches(model) -> None:
     empty_day[1] = False
     with pytest.raises(DataError, match="at least one real stock"):
         model.predict(x, empty_day)
+
+
+def train_on_random_days(model, x, mask, y, *, steps: int, lr: float, gen: torch.Generator, days_per_step: int = 4):
+    """Adam for `steps` steps, each on `days_per_step` days of (x, mask, y) drawn with `gen`."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        days = torch.randint(0, x.shape[0], (days_per_step,), generator=gen)
+        loss = model(x[days], mask[days], y[days])["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()

@@ -19,7 +19,7 @@ from fvae_dist.evaluate.report import build_report, load_run
 from fvae_dist.models.baselines.ca import managed_portfolios
 from fvae_dist.models.factorvae import FactorVAE, FactorVAEConfig
 from fvae_dist.models.registry import MODEL_NAMES, ModelConfig, build_model, model_label
-from tests.models.batches import assert_rejects_bad_batches, make_batch, widen_batch
+from tests.models.batches import assert_rejects_bad_batches, make_batch, train_on_random_days, widen_batch
 
 BASELINES = [name for name in MODEL_NAMES if name != "factorvae"]
 
@@ -241,14 +241,7 @@ def test_a_few_dozen_adam_steps_learn_a_toy_market(name):
         return float(((mu - y_test) ** 2).mean())
 
     before = held_out_mse()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(60):
-        days = torch.randint(0, 48, (4,), generator=gen)
-        loss = model(x_train[days], mask_train[days], y_train[days])["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_on_random_days(model, x_train, mask_train, y_train, steps=60, lr=1e-2, gen=gen)
     after = held_out_mse()
     # the label's variance is ~1.9; a model that learnt the signal predicts most of it
     assert after < 0.5 * before and after < 0.8, (before, after)

@@ -11,7 +11,7 @@ from torch.distributions import Normal, kl_divergence
 from fvae_dist.errors import ConfigError
 from fvae_dist.models import VARIANTS, FactorVAE, FactorVAEConfig, build_model
 from fvae_dist.models.factorvae import gaussian_kl, gaussian_nll
-from tests.models.batches import assert_rejects_bad_batches, make_batch, widen_batch
+from tests.models.batches import assert_rejects_bad_batches, make_batch, train_on_random_days, widen_batch
 
 SMALL = FactorVAEConfig(num_features=4, seq_len=5, hidden_size=12, num_factors=3, num_portfolios=6)
 
@@ -363,14 +363,7 @@ def test_a_few_hundred_adam_steps_learn_a_toy_factor_market():
             return model(x_test, mask_test, y_test)["loss"].item()
 
     loss_before = held_out_loss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(300):
-        days = torch.randint(0, 64, (4,), generator=gen)
-        loss = model(x_train[days], mask_train[days], y_train[days])["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_on_random_days(model, x_train, mask_train, y_train, steps=300, lr=3e-3, gen=gen)
     loss_after = held_out_loss()
 
     with torch.no_grad():
