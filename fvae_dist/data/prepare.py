@@ -179,10 +179,15 @@ def instruments_hash(instruments: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(set(instruments))).encode()).hexdigest()[:16]
 
 
-def _checked_exclusions(source, instruments: Iterable[str]) -> list[str]:
-    if isinstance(instruments, str):  # a lone code would otherwise be split into characters
+def instrument_list(instruments: Iterable[str]) -> list[str]:
+    """Sorted, distinct instrument codes; a lone code is one code, not its characters."""
+    if isinstance(instruments, str):
         instruments = [instruments]
-    excluded = sorted({str(code) for code in instruments})
+    return sorted({str(code) for code in instruments})
+
+
+def _checked_exclusions(source, instruments: Iterable[str]) -> list[str]:
+    excluded = instrument_list(instruments)
     unknown = sorted(set(excluded) - set(map(str, source.instruments)))
     if unknown:
         raise ConfigError(f"fit_exclude_instruments: {len(unknown)} code(s) not in {source.name}, e.g. "

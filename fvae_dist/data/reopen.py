@@ -13,11 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable
 
-from fvae_dist.data.prepare import (PrepareResult, existing_manifest, prepare_dataset, prepare_settings,
-                                    settings_fingerprint)
+from fvae_dist.data.prepare import (PrepareResult, existing_manifest, instrument_list, prepare_dataset,
+                                    prepare_settings, settings_fingerprint)
 from fvae_dist.data.shards import MANIFEST_NAME, load_manifest
 from fvae_dist.errors import ConfigError, FvaeError
-
 
 
 def open_manifest_source(dataset_dir):
@@ -75,8 +74,7 @@ def prepare_like(
     manifest = load_manifest(dataset_dir)
     settings = manifest.get("settings", {})
     _recorded_source(Path(dataset_dir) / MANIFEST_NAME, settings)
-    wanted = sorted({str(code) for code in ([fit_exclude_instruments] if isinstance(fit_exclude_instruments, str)
-                                            else fit_exclude_instruments)})
+    wanted = instrument_list(fit_exclude_instruments)
     try:
         expected = prepare_settings(settings["source"], settings["source_open"], settings["splits"],
                                     settings["seq_len"], settings["feature_set"], settings["shard_rows"], wanted)
