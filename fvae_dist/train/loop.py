@@ -40,7 +40,7 @@ from fvae_dist.data.feeder import EpochStream, feeder_for
 from fvae_dist.data.stream import iter_day_batches
 from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
-from fvae_dist.train.cpu_memory import keep_freed_memory
+from fvae_dist.train.cpu_memory import keep_freed_memory, minor_faults_this_thread
 from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
 from fvae_dist.train.tensorboard import RunEvents
 from fvae_dist.train.validation import evaluate, to_device
@@ -153,6 +153,7 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl (sums over steps)
     steps, stock_days, waited, stepping = 0, 0, 0.0, 0.0
     dates: list[str] = []
+    faults_before = minor_faults_this_thread()
     start = time.perf_counter()
     while True:
         before = time.perf_counter()
@@ -173,12 +174,13 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
             dates.extend(str(d) for d in batch["date"])
     batches.close()
     elapsed = time.perf_counter() - start
+    faults = minor_faults_this_thread() - faults_before
     if cfg.train.audit_days:
         write_text_atomic(run_dir / "audit" / f"epoch-{epoch:04d}-rank-{rank}.json",
                           json.dumps({"epoch": epoch, "rank": rank, "steps": steps, "dates": dates}))
-    totals = torch.cat([sums.cpu(), torch.tensor([steps, stock_days, waited, stepping, elapsed], dtype=torch.float64)])
+    totals = torch.cat([sums.cpu(), torch.tensor([steps, stock_days, waited, stepping, elapsed, faults], dtype=torch.float64)])
     totals = _all_reduce_sum(totals, device)
-    loss, nll, kl, all_steps, all_stock_days, all_waited, all_stepping, all_elapsed = totals.tolist()
+    loss, nll, kl, all_steps, all_stock_days, all_waited, all_stepping, all_elapsed, all_faults = totals.tolist()
     per_step = max(all_steps, 1.0)
     mean_elapsed = all_elapsed / world
     return {
@@ -191,6 +193,9 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
         "stock_days_per_s": all_stock_days / mean_elapsed if mean_elapsed > 0 else 0.0,
         "data_wait_fraction": all_waited / all_elapsed if all_elapsed > 0 else 0.0,
         "step_fraction": all_stepping / all_elapsed if all_elapsed > 0 else 0.0,
+        # the training thread's page faults; hundreds or more per step mean the allocator
+        # returns memory to the kernel between steps (train/cpu_memory.py)
+        "minor_faults_per_step": all_faults / per_step,
     }
 
 
@@ -208,6 +213,7 @@ def epoch_metrics(epoch: int, lr: float, train: dict, valid: dict, score: float,
         perf_stock_days_per_s=train["stock_days_per_s"],
         perf_data_wait_fraction=train["data_wait_fraction"],
         perf_step_fraction=train["step_fraction"],
+        perf_minor_faults_per_step=train["minor_faults_per_step"],
         perf_epoch_seconds=train["seconds"],
         checkpoint_score=score,
         best_epoch=state.best_epoch,

@@ -7,6 +7,8 @@ Scalars, one point per epoch:
     lr                                          learning rate used in the epoch
     perf/stock_days_per_s                       training stock-days per second, all workers, data + step
     perf/data_wait_fraction                     share of the epoch the workers waited for input
+    perf/step_fraction                          share of the epoch spent in training steps
+    perf/minor_faults_per_step                  page faults of a worker's training thread per step
     perf/epoch_seconds
 The HParams dashboard gets the resolved config against the final metrics (run "hparams").
 """

@@ -30,6 +30,7 @@ from fvae_dist.data.shards import load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_dataset, epoch_seed, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, FvaeError
 from fvae_dist.train import checkpoint as ckpt
+from fvae_dist.train.cpu_memory import WORKER_ENV_VARS
 from fvae_dist.train.loop import METRICS_FILE, train_loop_per_worker
 
 CONFIG_FILE = "config.yaml"
@@ -125,6 +126,8 @@ def build_trainer(
             ),
             callbacks=list(callbacks) or None,
             logging_config=ray.train.LoggingConfig(log_level=cfg.ray.log_level.upper()),
+            # every worker thread in glibc's main arena: see train/cpu_memory.py
+            worker_runtime_env={"env_vars": dict(WORKER_ENV_VARS)},
         ),
         datasets=datasets,
         dataset_config=DaySplitConfig(equal_split=("train",)),

@@ -19,6 +19,7 @@ from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.cli import main as cli_main
 from fvae_dist.errors import DataError
+from fvae_dist.train.cpu_memory import WORKER_ENV_VARS
 from fvae_dist.train.engine import deepspeed_safe_globals
 from fvae_dist.train.predict import predict_split
 from fvae_dist.train.trainer import train
@@ -65,6 +66,7 @@ def test_run_folder_holds_everything(first_run, toy_dir):
     for h in metrics["history"]:
         assert math.isfinite(h["train_loss"]) and h["perf_stock_days_per_s"] > 0
         assert 0 <= h["perf_data_wait_fraction"] <= 1
+        assert h["perf_minor_faults_per_step"] >= 0
 
 
 @pytest.mark.timeout(60)
@@ -183,6 +185,21 @@ def test_a_workers_own_error_reaches_the_caller_unwrapped(ray_local, toy_dir, st
     cfg = load_config(None, tiny_overrides(toy_dir, storage, "failing", "train.epochs=1", "ray.num_workers=1"))
     with pytest.raises(DataError, match="refuses to build"):
         train(cfg, model_builder=failing_builder)
+
+
+@pytest.mark.timeout(300)
+def test_workers_start_with_the_allocator_environment(ray_local, toy_dir, storage):
+    """train/cpu_memory.py: glibc reads MALLOC_ARENA_MAX at process start, so the worker must be
+    started with it; the stand-in builder runs inside the worker and reports what it sees."""
+    def reporting_builder(model_cfg):
+        import os
+
+        raise DataError("worker env: " + " ".join(f"{k}={os.environ.get(k)}" for k in sorted(WORKER_ENV_VARS)))
+
+    cfg = load_config(None, tiny_overrides(toy_dir, storage, "worker-env", "train.epochs=1", "ray.num_workers=1"))
+    expected = " ".join(f"{k}={v}" for k, v in sorted(WORKER_ENV_VARS.items()))
+    with pytest.raises(DataError, match=f"worker env: {expected}$"):
+        train(cfg, model_builder=reporting_builder)
 
 
 @pytest.mark.timeout(400)
