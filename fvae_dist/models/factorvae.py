@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from fvae_dist.errors import ConfigError, DataError
 from fvae_dist.models.fused_gru import FusedGRU
+from fvae_dist.models.row_buckets import zero_rows_to_bucket
 
 VARIANTS = ("factorvae", "prior", "port")
 
@@ -159,10 +160,13 @@ class FeatureExtractor(nn.Module):
         # padded slots cost nothing and whatever they hold never enters the network.
         # Without padding (one day per step) no gather/scatter is needed.
         unpadded = bool(mask.all())
-        x_real = (x.flatten(0, 1) if unpadded else x[mask]).to(self.proj.weight.dtype)  # (S, T, C)
-        h_proj = self.act(self.proj(x_real))                          # (S, T, H)  eq. 4, first line
-        _, h_last = self.gru(h_proj)                                   # (1, S, H)  eq. 4, second line
-        e_real = h_last[0]                                             # (S, H)     e = h_gru^(T)
+        x_real = x.flatten(0, 1) if unpadded else x[mask]              # (S, T, C)
+        S = x_real.shape[0]
+        if not unpadded:
+            x_real = zero_rows_to_bucket(x_real)  # (S', T, C): few distinct shapes, models/row_buckets.py
+        h_proj = self.act(self.proj(x_real.to(self.proj.weight.dtype)))  # (S', T, H)  eq. 4, first line
+        _, h_last = self.gru(h_proj)                                   # (1, S', H)  eq. 4, second line
+        e_real = h_last[0, :S]                                         # (S, H)     e = h_gru^(T)
         if unpadded:
             return e_real.unflatten(0, (D, N))                         # (D, N, H)
         e = e_real.new_zeros(D, N, e_real.shape[-1])                   # (D, N, H)

@@ -17,11 +17,11 @@ thread of the worker actor, next to Ray's own threads, and glibc gives such a th
 to 8 x cores secondary arenas, or the main one, depending on which threads first allocated. A
 secondary arena grows in 64 MiB heaps and unmaps a heap as soon as it is empty, whatever the trim
 threshold, so a step whose tensors overflow one heap maps fresh pages and faults on every one of
-them, every step. Measured on one core, fp32, 4 days per step (about 1,000 stocks): runs landed
-in either mode at random, 4 of 8 in the slow one with 5,500-9,700 faults per step and 53-57 ms
-steps against 45-47 ms (and 30-600 faults per step) in the fast one. MALLOC_ARENA_MAX=1, which
-glibc reads at process start, puts every thread in the main arena: 4 runs of 4 fast. Ray's own
-threads allocate little, so sharing one arena costs them nothing measurable.
+them, every step. Measured on one core, fp32, 4 days per step (about 1,000 stocks): of 12 runs
+of the same command, 7 landed in that mode (52-57 ms a step; 5,600-9,700 faults a step where
+counted) and 5 did not (45-47 ms; 3-40 faults). MALLOC_ARENA_MAX=1, which glibc reads at
+process start, puts every thread in the main arena: 8 runs of 8 at 45-48 ms, 0-74 faults a
+step. Ray's own threads allocate little, so sharing one arena costs them nothing measurable.
 """
 from __future__ import annotations
 

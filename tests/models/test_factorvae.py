@@ -11,6 +11,7 @@ from torch.distributions import Normal, kl_divergence
 from fvae_dist.errors import ConfigError
 from fvae_dist.models import VARIANTS, FactorVAE, FactorVAEConfig, build_model
 from fvae_dist.models.factorvae import gaussian_kl, gaussian_nll
+from fvae_dist.models.row_buckets import ROW_BUCKET, zero_rows_to_bucket
 from tests.models.batches import assert_rejects_bad_batches, make_batch, train_on_random_days, widen_batch
 
 SMALL = FactorVAEConfig(num_features=4, seq_len=5, hidden_size=12, num_factors=3, num_portfolios=6)
@@ -262,6 +263,31 @@ def test_a_day_gives_the_same_outputs_alone_or_batched_and_padded(variant, garba
         beta = model.factor_exposures(x[d:d + 1, :n], mask[d:d + 1, :n])
         torch.testing.assert_close(beta_b[d, real_b], beta[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(batched["loss"], torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_padded_batches_reach_the_gru_with_their_rows_rounded_up_to_zero_sequences():
+    model = small_model()
+    seen = []
+    hook = model.feature_extractor.gru.register_forward_hook(lambda gru, inputs, output: seen.append(inputs[0]))
+    x, mask, y = make_batch([6, 9, 3], seed=7)                 # 18 real stocks, padded to 9 a day
+    model(x, mask, y)
+    x1, mask1, y1 = make_batch([9], seed=7)                    # one day: no padding, no gather
+    model(x1, mask1, y1)
+    hook.remove()
+    padded, single = seen
+    assert padded.shape[0] == ROW_BUCKET * math.ceil(18 / ROW_BUCKET)
+    extractor = model.feature_extractor                        # the added rows are zero windows:
+    zero_window = extractor.act(extractor.proj(torch.zeros(1, 1, x.shape[-1])))
+    torch.testing.assert_close(padded[18:], zero_window.expand_as(padded[18:]))
+    assert single.shape[0] == 9
+
+
+def test_zero_rows_to_bucket_appends_zeros_up_to_a_multiple():
+    for rows in (1, ROW_BUCKET - 1, ROW_BUCKET, ROW_BUCKET + 1):
+        x = torch.randn(rows, 3, 2)
+        out = zero_rows_to_bucket(x)
+        assert out.shape == (ROW_BUCKET * math.ceil(rows / ROW_BUCKET), 3, 2)
+        assert torch.equal(out[:rows], x) and not out[rows:].any()
 
 
 def test_padding_garbage_gives_finite_gradients():
