@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 from fvae_dist.train.loop import LockstepBatches
 
+
 def _worker(rank: int, world: int, init_file: str, counts: list, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
