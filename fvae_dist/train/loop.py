@@ -125,6 +125,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # sys.stdout, not print: Ray Train patches print() and the line would show twice
                 sys.stdout.write(progress_line(metrics, cfg.train.epochs) + "\n")
                 sys.stdout.flush()
+        if upcoming is not None:  # early stopping: that epoch will not run
+            upcoming.cancel()
 
     final = final_evaluation(engine, best_weights, loop_config.get("eval_splits", ()), cfg, device)
     ray.train.report(_finite_only({f"final_{split}_{key}": value for split, values in final.items() for key, value in values.items()}))

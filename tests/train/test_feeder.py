@@ -11,6 +11,7 @@ from fvae_dist.data.stream import day_dataset, iter_day_batches, shuffled_each_e
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
+
 def _by_date(batches) -> dict:
     """date -> (x, y, instruments) of every real stock, from batches of any D."""
     days = {}
@@ -55,6 +56,24 @@ def test_an_epoch_closed_early_does_not_block_the_next(ray_local, toy_dir):
         stream.close()  # the feeder's epoch call must finish, or the next one queues behind it
         days = [str(b["date"][0]) for b in EpochStream(feeder, 1, prefetch_batches=1, drop_last=True)]
     assert len(days) == ds.count() == len(set(days))
+
+
+def test_a_feeder_stopped_mid_epoch_raises_in_the_consumer_and_cancel_ends_a_stream(ray_local, toy_dir):
+    import ray
+
+    ds = day_dataset(toy_dir, "train")
+    with feeder_for(ds) as feeder:
+        cancelled = EpochStream(feeder, 1, prefetch_batches=1, drop_last=True)
+        next(cancelled)
+        cancelled.cancel()
+        assert next(cancelled, None) is None
+        stream = EpochStream(feeder, 1, prefetch_batches=1, drop_last=True)
+        next(stream)
+        ray.kill(feeder, no_restart=True)
+        # the receiver thread hands the failure over instead of leaving the consumer waiting
+        with pytest.raises(ray.exceptions.RayError):
+            for _ in stream:
+                pass
 
 
 def test_streaming_split_shares_stay_disjoint_and_equal(ray_local, toy_dir):
