@@ -294,6 +294,7 @@ def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores:
         "step_fraction": float(np.mean([h.get("perf_step_fraction", float("nan")) for h in steady])),
         "step_ms": float(np.mean([1e3 * h["perf_epoch_seconds"] * h.get("perf_step_fraction", float("nan"))
                                   / max(h["train_steps"], 1) for h in steady])),
+        "minor_faults_per_step": float(np.mean([h.get("perf_minor_faults_per_step", float("nan")) for h in steady])),
         "first_epoch_stock_days_per_s": metrics["history"][0]["perf_stock_days_per_s"],
         "run_wall_s": wall,
         "fixed_cost_s": wall - epoch_seconds,  # Ray start, data materialisation, validation, checkpoints
