@@ -80,8 +80,9 @@ class EpochStream:
     message between processes waits for a busy core), 5.3-6.5% of a bf16 one-day epoch. The
     receiver holds the GIL only briefly; the Python-heavy reading stays in the feeder.
     `close()` mid-epoch drains the rest, so the feeder's epoch call ends and the next epoch is not
-    queued behind it; `cancel()` stops handing out batches without waiting (the feeder is about
-    to be stopped)."""
+    queued behind it. (Drained, not abandoned: a Ray Data execution cut off by killing the process
+    that runs it keeps its resource reservation in Ray 2.60, and later executions in the cluster
+    then wait forever for CPUs that are free.)"""
 
     def __init__(self, feeder, batch_days: int, *, prefetch_batches: int, drop_last: bool):
         per_object = max(1, min(BATCHES_PER_OBJECT, prefetch_batches))
@@ -130,12 +131,9 @@ class EpochStream:
         return item
 
     def close(self) -> None:
-        self.cancel()
-        self._receiver.join()
-
-    def cancel(self) -> None:
         self._finished = True
         self._stop.set()
+        self._receiver.join()
 
 
 class _Failed:

@@ -109,7 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batches = upcoming or training_batches(feeder or train_shard, cfg)
             train = train_one_epoch(engine, batches, cfg, device, world, run_dir, epoch, rank)
             # The feeder reads the next epoch's first days while this one is validated (it would
-            # idle otherwise); an epoch early stopping then cancels goes when the feeder is stopped.
+            # idle otherwise); an epoch early stopping then cancels is drained below.
             upcoming = training_batches(feeder, cfg) if feeder is not None and epoch + 1 < cfg.train.epochs else None
             valid = evaluate_split(engine, valid_shard, cfg, device)
             score = valid["rank_ic"] if math.isfinite(valid["rank_ic"]) else UNDEFINED_SCORE
@@ -125,8 +125,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # sys.stdout, not print: Ray Train patches print() and the line would show twice
                 sys.stdout.write(progress_line(metrics, cfg.train.epochs) + "\n")
                 sys.stdout.flush()
-        if upcoming is not None:  # early stopping: that epoch will not run
-            upcoming.cancel()
+        if upcoming is not None:  # early stopping: that epoch will not run; let the feeder
+            upcoming.close()      # finish reading it rather than stop it halfway (feeder.py)
 
     final = final_evaluation(engine, best_weights, loop_config.get("eval_splits", ()), cfg, device)
     ray.train.report(_finite_only({f"final_{split}_{key}": value for split, values in final.items() for key, value in values.items()}))
