@@ -188,6 +188,20 @@ def test_a_workers_own_error_reaches_the_caller_unwrapped(ray_local, toy_dir, st
 
 
 @pytest.mark.timeout(300)
+def test_early_stopping_ends_the_run_and_the_cluster_still_runs_datasets(ray_local, toy_dir, storage):
+    """Early stopping leaves the feeders' read-ahead epoch unused: it is drained, and Ray Data
+    executions started afterwards still get CPUs (an execution cut off mid-epoch kept them)."""
+    cfg = load_config(None, tiny_overrides(toy_dir, storage, "early-stop", "train.epochs=6",
+                                           "train.early_stopping_patience=1", "train.early_stopping_min_delta=10"))
+    metrics = train(cfg).metrics
+    assert metrics["epochs_completed"] == 2 and metrics["stopped_early"]
+    assert metrics["final"]["test"]["days"] == load_manifest(toy_dir)["splits"]["test"]["n_days"]
+    from fvae_dist.data.stream import day_dataset
+
+    assert day_dataset(toy_dir, "valid").count() == load_manifest(toy_dir)["splits"]["valid"]["n_days"]
+
+
+@pytest.mark.timeout(300)
 def test_workers_start_with_the_allocator_environment(ray_local, toy_dir, storage):
     """train/cpu_memory.py: glibc reads MALLOC_ARENA_MAX at process start, so the worker must be
     started with it; the stand-in builder runs inside the worker and reports what it sees."""
