@@ -19,15 +19,13 @@ with its own day order, and disjoint, equal shares across workers are unchanged.
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 from typing import Iterator
 
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fvae_dist.data.stream import batches_of_days
+from fvae_dist.data.stream import InBackground, batches_of_days
 
 
 BATCHES_PER_OBJECT = 4
@@ -88,60 +86,24 @@ class EpochStream:
         per_object = max(1, min(BATCHES_PER_OBJECT, prefetch_batches))
         self._refs = feeder.epoch.options(num_returns="streaming", _generator_backpressure_num_objects=2).remote(
             batch_days, prefetch_batches, drop_last, per_object)
-        self._ready: queue.Queue = queue.Queue(maxsize=2 * per_object)
-        self._stop = threading.Event()
-        self._finished = False
-        self._receiver = threading.Thread(target=self._receive, name="feeder-receiver", daemon=True)
-        self._receiver.start()
-
-    def _receive(self) -> None:
-        try:
-            for ref in self._refs:
-                if self._stop.is_set():
-                    continue  # closing: let the feeder's epoch call run to its end unread
-                for batch in ray.get(ref):
-                    if not self._put(_writable(batch)):
-                        break
-            self._put(_END)
-        except BaseException as error:  # handed to the training thread, which re-raises it
-            self._put(_Failed(error))
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+        self._batches = InBackground(_unpacked(self._refs), depth=2 * per_object, name="feeder-receiver")
 
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
-        if self._finished:
-            raise StopIteration
-        item = self._ready.get()
-        if item is _END:
-            self._finished = True
-            raise StopIteration
-        if isinstance(item, _Failed):
-            self._finished = True
-            raise item.error
-        return item
+        return next(self._batches)
 
     def close(self) -> None:
-        self._finished = True
-        self._stop.set()
-        self._receiver.join()
+        self._batches.close(join_timeout=None)  # the receiver has left the refs: drain them here
+        for _ in self._refs:
+            pass
 
 
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_END = object()
+def _unpacked(refs) -> Iterator[dict]:
+    for ref in refs:
+        for batch in ray.get(ref):
+            yield _writable(batch)
 
 
 def stop_feeder(feeder) -> None:

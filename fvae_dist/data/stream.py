@@ -118,7 +118,7 @@ def iter_day_batches(
     caller computes (numpy copies and torch kernels release the GIL, so the two overlap)."""
     batches = batches_of_days(iterator, batch_days, prefetch_batches, drop_last)
     if background and prefetch_batches > 0:
-        return _in_background(batches, depth=prefetch_batches)
+        return InBackground(batches, depth=prefetch_batches)
     return batches
 
 
@@ -134,6 +134,43 @@ def batches_of_days(iterator, batch_days: int, prefetch_batches: int, drop_last:
         yield collate_with_dates(group)
 
 
+class InBackground:
+    """`items` run in a daemon thread from construction on, up to `depth` results ahead; errors
+    re-raise in the consumer. close() stops the thread and waits for it (at most join_timeout
+    seconds; None: until it has stopped). The thread holds no reference to this object, so one
+    dropped without close() is collected, and its thread stopped, like a closed generator."""
+
+    def __init__(self, items: Iterator, depth: int, *, name: str = "day-batches"):
+        self._slots: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=_produce, args=(items, self._slots, self._stop), name=name,
+                                        daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        item = self._slots.get()
+        if item is _DONE or isinstance(item, _Failed):
+            self._finished = True
+            if item is _DONE:
+                raise StopIteration
+            raise item.error
+        return item
+
+    def close(self, join_timeout: float | None = 5.0) -> None:
+        self._finished = True
+        self._stop.set()
+        self._thread.join(timeout=join_timeout)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
 class _Failed:
     def __init__(self, error: BaseException):
         self.error = error
@@ -142,42 +179,24 @@ class _Failed:
 _DONE = object()
 
 
-def _in_background(items: Iterator, depth: int) -> Iterator:
-    """Run `items` in a daemon thread, `depth` results ahead; errors re-raise in the caller."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            put(_Failed(error))
-
-    worker = threading.Thread(target=produce, name="day-batches", daemon=True)
-    worker.start()
+def _produce(items: Iterator, slots: queue.Queue, stop: threading.Event) -> None:
     try:
-        while True:
-            item = slots.get()
-            if item is _DONE:
+        for item in items:
+            if not _put(slots, stop, item):
                 return
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        worker.join(timeout=5)
+        _put(slots, stop, _DONE)
+    except BaseException as error:  # handed to the consumer, which re-raises it
+        _put(slots, stop, _Failed(error))
+
+
+def _put(slots: queue.Queue, stop: threading.Event, item) -> bool:
+    while not stop.is_set():
+        try:
+            slots.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def row_to_day(row: dict) -> DaySample:
