@@ -143,6 +143,40 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
 
 
+def checkpoint_epoch(path: str | Path) -> int:
+    """The epoch a checkpoint directory was written after (checkpoint_epoch0007 -> 7)."""
+    name = Path(path).name
+    if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX):].isdigit():
+        raise ConfigError(f"{path}: not a checkpoint directory name ({CHECKPOINT_PREFIX}NNNN expected)")
+    return int(name[len(CHECKPOINT_PREFIX):])
+
+
+def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | None) -> Path | None:
+    """A complete checkpoint in the run folder newer than the one Ray Train hands back, if any.
+
+    Ray Train (V2) registers a reported checkpoint when its controller next polls the workers,
+    after report() has already written the files. A worker that dies in between (measured: within
+    a second of an epoch's end) leaves a complete checkpoint that Ray's restart does not know
+    about, and the restarted workers would train that epoch again. Complete means state.pt loads
+    and every rank's file is there; a directory cut short by the crash is passed over. (Ray's
+    keep_checkpoints pruning never learns of such a checkpoint, so it stays in the folder.)"""
+    registered_epoch = checkpoint_epoch(registered) if registered is not None else -1
+    for path in reversed(list_checkpoints(run_dir)):
+        if checkpoint_epoch(path) <= registered_epoch:
+            return None
+        if _is_complete(path):
+            return path
+    return None
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        world = int(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True).get("world_size", 0))
+    except Exception:  # noqa: BLE001 (a torn file raises whatever its first bad byte triggers)
+        return False
+    return world > 0 and all((path / rank_file(rank)).is_file() for rank in range(world))
+
+
 def best_checkpoint(run_dir: str | Path) -> Path:
     """The checkpoint of the best validation epoch, as recorded in <run>/metrics.json."""
     run_dir = Path(run_dir)

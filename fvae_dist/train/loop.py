@@ -20,6 +20,7 @@ loop_config (plain data, built by train/trainer.py):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -88,11 +89,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     best_weights = None
 
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state, best_weights = resume(Path(directory), engine, cfg, manifest_hash, rank, world)
-    else:
+    with checkpoint_to_resume(run_dir) as directory:
+        if directory is not None:
+            state, best_weights = resume(directory, engine, cfg, manifest_hash, rank, world)
+            if rank == 0:
+                sys.stdout.write(f"resuming after epoch {state.epoch} from {directory.name}\n")
+    if directory is None:
         # sampling noise (reparameterisation) differs per rank, like the data does
         seed_everything(cfg.train.seed + 1 + rank)
 
@@ -260,6 +262,23 @@ def final_evaluation(engine, best_weights, eval_splits, cfg: ExperimentConfig, d
         summary = evaluate_split(engine, ray.train.get_dataset_shard(split), cfg, device)
         final[_split_role(split, cfg)] = summary
     return final
+
+
+@contextlib.contextmanager
+def checkpoint_to_resume(run_dir: Path):
+    """The checkpoint directory to resume from (None: start afresh): Ray Train's latest, unless
+    the run folder holds a complete newer one Ray had not registered yet (see
+    checkpoint.unregistered_newer_checkpoint). Every rank reads the same files, so all choose
+    the same one."""
+    registered = ray.train.get_checkpoint()
+    newer = ckpt.unregistered_newer_checkpoint(run_dir, registered.path if registered is not None else None)
+    if newer is not None:
+        yield newer
+    elif registered is not None:
+        with registered.as_directory() as directory:
+            yield Path(directory)
+    else:
+        yield None
 
 
 def resume(directory: Path, engine, cfg: ExperimentConfig, manifest_hash: str, rank: int, world: int):

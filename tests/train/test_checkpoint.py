@@ -64,3 +64,41 @@ def test_resume_accepts_a_config_saved_before_a_model_key_existed():
     ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None)), "abc", "run")
     with pytest.raises(ConfigError, match=r"model.name: 'factorvae' -> 'gru'"):
         ckpt.check_resumable(saved, "abc", config_to_dict(load_config(None, ["model.name=gru"])), "abc", "run")
+
+
+def _write_checkpoint(run_dir, epoch: int, world: int = 2, *, torn: bool = False, ranks=None):
+    directory = run_dir / ckpt.checkpoint_dir_name(epoch)
+    directory.mkdir(parents=True)
+    if torn:  # a crash in the middle of copying state.pt
+        (directory / ckpt.STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
+    else:
+        ckpt.save({"world_size": world, "train_state": {"epoch": epoch + 1}}, directory / ckpt.STATE_FILE)
+    for rank in range(world) if ranks is None else ranks:
+        ckpt.save({"rng": None}, directory / ckpt.rank_file(rank))
+    return directory
+
+
+def test_a_complete_checkpoint_newer_than_rays_is_found(tmp_path):
+    """Ray registers a checkpoint after report() wrote it; a worker dying in between leaves a
+    newer complete checkpoint that Ray does not hand back (train/checkpoint.py)."""
+    first, second = _write_checkpoint(tmp_path, 0), _write_checkpoint(tmp_path, 1)
+    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=first) == second
+    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=None) == second
+    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=second) is None
+    assert ckpt.unregistered_newer_checkpoint(tmp_path / "empty", registered=None) is None
+
+
+def test_an_incomplete_newer_checkpoint_is_passed_over(tmp_path):
+    registered = _write_checkpoint(tmp_path, 0)
+    _write_checkpoint(tmp_path, 1, ranks=[0])          # rank 1's file never arrived
+    _write_checkpoint(tmp_path, 2, torn=True)          # state.pt cut short
+    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered) is None
+    complete = _write_checkpoint(tmp_path, 3, world=1)
+    _write_checkpoint(tmp_path, 4, torn=True)
+    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered) == complete
+
+
+def test_checkpoint_epoch_reads_the_directory_name(tmp_path):
+    assert ckpt.checkpoint_epoch(tmp_path / ckpt.checkpoint_dir_name(12)) == 12
+    with pytest.raises(ConfigError, match="checkpoint_epochNNNN expected"):
+        ckpt.checkpoint_epoch(tmp_path / "checkpoint_2026-11-24")

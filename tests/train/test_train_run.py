@@ -201,6 +201,56 @@ def test_early_stopping_ends_the_run_and_the_cluster_still_runs_datasets(ray_loc
     assert day_dataset(toy_dir, "valid").count() == load_manifest(toy_dir)["splits"]["valid"]["n_days"]
 
 
+@pytest.mark.timeout(400)
+def test_a_worker_that_dies_mid_epoch_is_restarted_from_the_last_checkpoint(ray_local, toy_dir, storage, tmp_path):
+    """ray.max_failures=1: rank 0's process exits at the first step of epoch 1 (a crash, not an
+    exception); the restarted workers resume from epoch 0's checkpoint and the run finishes with
+    every epoch recorded once. That early, Ray Train has often not registered the checkpoint yet
+    (train/checkpoint.py): without looking in the run folder, epoch 0 was trained again. The
+    feeders' Ray Data executions are cut off by the crash; the new workers' must still run."""
+    died = tmp_path / "rank-0-died"
+    steps_per_epoch = load_manifest(toy_dir)["splits"]["train"]["n_days"] // 2  # 2 workers, 1 day a step
+
+    def dying_builder(model_cfg):
+        import os
+
+        import ray.train
+
+        from fvae_dist.models.registry import build_model
+
+        class DiesOnce(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = build_model(model_cfg)
+                self.training_calls = 0
+
+            def forward(self, *args):
+                if self.training:
+                    self.training_calls += 1
+                    if (self.training_calls == steps_per_epoch + 1 and not died.exists()
+                            and ray.train.get_context().get_world_rank() == 0):
+                        died.write_text("epoch 1, step 1")
+                        os._exit(1)
+                return self.inner(*args)
+
+            def predict(self, *args):
+                return self.inner.predict(*args)
+
+        return DiesOnce()
+
+    cfg = load_config(None, tiny_overrides(toy_dir, storage, "dies-once", "train.epochs=3", "ray.max_failures=1",
+                                           "train.audit_days=true", "train.early_stopping_patience=0"))
+    outcome = train(cfg, model_builder=dying_builder)
+    assert died.is_file(), "the stand-in worker did not die: the test tested nothing"
+    history = outcome.metrics["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2] and outcome.metrics["epochs_completed"] == 3
+    audit = outcome.run_dir / "audit"
+    death = died.stat().st_mtime_ns
+    assert (audit / "epoch-0000-rank-0.json").stat().st_mtime_ns < death, "epoch 0 came from its checkpoint"
+    assert (audit / "epoch-0001-rank-0.json").stat().st_mtime_ns > death, "epoch 1 was trained again"
+    assert outcome.metrics["final"]["test"]["days"] == load_manifest(toy_dir)["splits"]["test"]["n_days"]
+
+
 @pytest.mark.timeout(300)
 def test_workers_start_with_the_allocator_environment(ray_local, toy_dir, storage):
     """train/cpu_memory.py: glibc reads MALLOC_ARENA_MAX at process start, so the worker must be
