@@ -155,8 +155,8 @@ def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | 
     """A complete checkpoint in the run folder newer than the one Ray Train hands back, if any.
 
     Ray Train (V2) registers a reported checkpoint when its controller next polls the workers,
-    after report() has already written the files. A worker that dies in between (measured: within
-    a second of an epoch's end) leaves a complete checkpoint that Ray's restart does not know
+    after report() has already written the files. A worker that dies in between (seen here: a crash
+    at the first step after a sub-second epoch's report) leaves a complete checkpoint that Ray's restart does not know
     about, and the restarted workers would train that epoch again. Complete means state.pt loads
     and every rank's file is there; a directory cut short by the crash is passed over. (Ray's
     keep_checkpoints pruning never learns of such a checkpoint, so it stays in the folder.)"""
