@@ -59,6 +59,9 @@ def day_dataset(
     # A block is closed as soon as it exceeds this size, so each day (hundreds of KB) ends up
     # in a block of its own: block order then is day order.
     ds.context.target_max_block_size = 1
+    # Blocks in shard order, whichever read task finishes first: the per-epoch shuffle permutes
+    # this order, so without it a seed would not fix the day order (see DaySplitConfig).
+    ds.context.execution_options.preserve_order = True
     ds = ds.flat_map(
         _shard_rows,
         fn_kwargs={
@@ -99,7 +102,13 @@ class DaySplitConfig(ray.train.DataConfig):
         output = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             ds = ds.copy(ds)
-            ds.context.execution_options = self.default_ingest_options()
+            options = self.default_ingest_options()
+            # Hand out blocks in the shuffled order rather than as they become ready: with one
+            # worker, train.seed then fixes every epoch's day order (a rerun repeats the run
+            # exactly). With several, which worker gets which day still depends on which asks
+            # first.
+            options.preserve_order = True
+            ds.context.execution_options = options
             splits = ds.streaming_split(world_size, equal=name in self._equal_split, locality_hints=worker_node_ids)
             for rank, split in enumerate(splits):
                 output[rank][name] = split
