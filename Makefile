@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_prepare.py --out bench/prepare.json
 	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_precision.py --out bench/precision.json
 
 clean:
 	rm -rf $(VENV) .demo

@@ -11,15 +11,14 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
     two 1-worker runs with data.feeder=false (Ray Data read in the worker's own threads)
   * eq. 4's GRU alone (forward + backward at S=300, fp32 and bf16): torch.nn.GRU against the
     models' FusedGRU, the share of the step that the GRU bounds
-  * what bf16 does to quality: test Rank IC of the demo configuration trained in fp32 and in
-    bf16 with the same seeds (Ray Train, 2 workers)
   * the 1-thread plain loop beside a busy neighbour process on the other core (compute-bound,
     then memory-bound): how much of Ray's overhead is shared cache and memory bandwidth
   * Ray's overhead against the plain loop at the same core count, the fraction of the epoch the
     workers wait for input, achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one
     training step) against the matmul ceiling, and the per-core rate against the 20,000
     stock-days/s target.
-Writes one JSON document and prints a short table.
+Writes one JSON document and prints a short table. What bf16 does to quality (test Rank IC, seed by
+seed) is scripts/bench_precision.py.
 """
 from __future__ import annotations
 
@@ -52,7 +51,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "train.json"))
     parser.add_argument("--dataset", default=None, help="a prepared data set to use instead of generating one")
     parser.add_argument("--skip-ray", action="store_true", help="only the plain loop and the matmul ceiling")
-    parser.add_argument("--skip-quality", action="store_true", help="skip the fp32-vs-bf16 Rank IC runs")
     args = parser.parse_args()
     keep_freed_memory()  # as the training workers do
 
@@ -94,10 +92,6 @@ def main() -> None:
             ray_results.append(ray_run(dataset, workers, precision, batch_days, cores, epochs=2 if args.quick else 3,
                                        feeder=feeder))
         ray.shutdown()
-    quality = None
-    if not (args.skip_ray or args.skip_quality):
-        quality = precision_quality(dataset, seeds=(0,) if args.quick else (0, 1))
-
     for row in plain + ray_results:
         row["gflops"] = row["stock_days_per_s"] * flops / 1e9
         row["fraction_of_matmul_ceiling"] = row["gflops"] / (ceiling["1_thread"] * row["cores"])
@@ -118,7 +112,6 @@ def main() -> None:
         "ray_overhead_vs_plain": overhead,
         "ray_data_input_only": data_only,
         "plain_loop_beside_a_neighbour": neighbours,
-        "precision_quality": quality,
         "load_average_1m_at_end": os.getloadavg()[0],
         "quick": args.quick,
     }
@@ -304,33 +297,6 @@ def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores:
           f"{row['stock_days_per_s']:,.0f} stock-days/s "
           f"(data wait {100 * row['data_wait_fraction']:.1f}%, run {wall:.0f} s)")
     return row
-
-
-def precision_quality(dataset: Path, seeds: tuple) -> dict:
-    """Test Rank IC of the demo configuration trained in fp32 and in bf16 with the same seeds."""
-    import ray
-
-    from fvae_dist.train.trainer import train
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    rows = []
-    for seed in seeds:
-        for precision in ("fp32", "bf16"):
-            name = f"quality-{precision}-seed{seed}"
-            shutil.rmtree(WORK / "runs" / name, ignore_errors=True)
-            cfg = load_config(REPO / "tune_configs" / "demo.yaml", [
-                f"data.dataset_dir={dataset}", f"train.precision={precision}", f"train.seed={seed}",
-                f"ray.storage_path={WORK / 'runs'}", f"ray.run_name={name}", "train.keep_checkpoints=1"])
-            started = time.perf_counter()
-            final = train(cfg).metrics["final"]
-            rows.append({"precision": precision, "seed": seed, "test_rank_ic": final["test"]["rank_ic"],
-                         "test_rank_icir": final["test"]["rank_icir"], "valid_rank_ic": final["valid"]["rank_ic"],
-                         "wall_s": time.perf_counter() - started})
-            print(f"quality {precision} seed {seed}: test Rank IC {rows[-1]['test_rank_ic']:.4f}")
-    ray.shutdown()
-    mean = {p: float(np.mean([r["test_rank_ic"] for r in rows if r["precision"] == p])) for p in ("fp32", "bf16")}
-    return {"config": "tune_configs/demo.yaml", "runs": rows, "mean_test_rank_ic": mean,
-            "bf16_minus_fp32": mean["bf16"] - mean["fp32"]}
 
 
 def neighbour_sensitivity(days: list, max_steps: int) -> list:
