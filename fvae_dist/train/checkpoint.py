@@ -155,18 +155,31 @@ def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | 
     """A complete checkpoint in the run folder newer than the one Ray Train hands back, if any.
 
     Ray Train (V2) registers a reported checkpoint when its controller next polls the workers,
-    after report() has already written the files. A worker that dies in between (seen here: a crash
-    at the first step after a sub-second epoch's report) leaves a complete checkpoint that Ray's restart does not know
-    about, and the restarted workers would train that epoch again. Complete means state.pt loads
-    and every rank's file is there; a directory cut short by the crash is passed over. (Ray's
-    keep_checkpoints pruning never learns of such a checkpoint, so it stays in the folder.)"""
-    registered_epoch = checkpoint_epoch(registered) if registered is not None else -1
+    after report() has already written the files. A worker that dies in between (seen here: a
+    crash at the first step after a sub-second epoch's report) leaves a complete checkpoint that
+    Ray's restart does not know about, and the restarted workers would train that epoch again.
+    Complete means state.pt loads and every rank's file is there; a directory cut short by the
+    crash is passed over. (Ray's keep_checkpoints pruning never learns of such a checkpoint, so
+    it stays in the folder.) A registered checkpoint named otherwise than ours is trusted as is."""
+    registered_epoch = _epoch_or_none(registered) if registered is not None else -1
+    if registered_epoch is None:
+        return None
     for path in reversed(list_checkpoints(run_dir)):
-        if checkpoint_epoch(path) <= registered_epoch:
+        epoch = _epoch_or_none(path)
+        if epoch is None:
+            continue
+        if epoch <= registered_epoch:
             return None
         if _is_complete(path):
             return path
     return None
+
+
+def _epoch_or_none(path: str | Path) -> int | None:
+    try:
+        return checkpoint_epoch(path)
+    except ConfigError:
+        return None
 
 
 def _is_complete(path: Path) -> bool:

@@ -93,7 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if directory is not None:
             state, best_weights = resume(directory, engine, cfg, manifest_hash, rank, world)
             if rank == 0:
-                sys.stdout.write(f"resuming after epoch {state.epoch} from {directory.name}\n")
+                sys.stdout.write(f"resuming from {directory.name}: {state.epoch} of {cfg.train.epochs} epochs done\n")
     if directory is None:
         # sampling noise (reparameterisation) differs per rank, like the data does
         seed_everything(cfg.train.seed + 1 + rank)

@@ -102,3 +102,11 @@ def test_checkpoint_epoch_reads_the_directory_name(tmp_path):
     assert ckpt.checkpoint_epoch(tmp_path / ckpt.checkpoint_dir_name(12)) == 12
     with pytest.raises(ConfigError, match="checkpoint_epochNNNN expected"):
         ckpt.checkpoint_epoch(tmp_path / "checkpoint_2026-11-24")
+
+
+def test_checkpoints_named_otherwise_are_left_to_ray(tmp_path):
+    ours = _write_checkpoint(tmp_path, 1)
+    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=tmp_path / "checkpoint_2026-11-24_10-00") is None
+    (tmp_path / "checkpoint_epochXYZ").mkdir()
+    ckpt.save({"world_size": 1}, tmp_path / "checkpoint_epochXYZ" / ckpt.STATE_FILE)
+    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=None) == ours
