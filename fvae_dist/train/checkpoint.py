@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -151,7 +151,8 @@ def checkpoint_epoch(path: str | Path) -> int:
     return int(name[len(CHECKPOINT_PREFIX):])
 
 
-def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | None) -> Path | None:
+def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | None, *,
+                                  load_state: Callable[[Path], dict] = load) -> Path | None:
     """A complete checkpoint in the run folder newer than the one Ray Train hands back, if any.
 
     Ray Train (V2) registers a reported checkpoint when its controller next polls the workers,
@@ -160,7 +161,9 @@ def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | 
     Ray's restart does not know about, and the restarted workers would train that epoch again.
     Complete means state.pt loads and every rank's file is there; a directory cut short by the
     crash is passed over. (Ray's keep_checkpoints pruning never learns of such a checkpoint, so
-    it stays in the folder.) A registered checkpoint named otherwise than ours is trusted as is."""
+    it stays in the folder.) A registered checkpoint named otherwise than ours is trusted as is.
+    `load_state` reads state.pt: the loader the resume itself uses (DeepSpeed's optimizer state
+    needs its classes allowed), so that whatever this accepts, the resume can read."""
     registered_epoch = _epoch_or_none(registered) if registered is not None else -1
     if registered_epoch is None:
         return None
@@ -170,7 +173,7 @@ def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | 
             continue
         if epoch <= registered_epoch:
             return None
-        if _is_complete(path):
+        if _is_complete(path, load_state):
             return path
     return None
 
@@ -182,12 +185,17 @@ def _epoch_or_none(path: str | Path) -> int | None:
         return None
 
 
-def _is_complete(path: Path) -> bool:
+def _is_complete(path: Path, load_state: Callable[[Path], dict]) -> bool:
     try:
-        world = int(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True).get("world_size", 0))
+        world = int(load_state(path / STATE_FILE).get("world_size", 0))
     except Exception:  # noqa: BLE001 (a torn file raises whatever its first bad byte triggers)
         return False
-    return world > 0 and all((path / rank_file(rank)).is_file() for rank in range(world))
+    return world > 0 and not missing_rank_files(path, world)
+
+
+def missing_rank_files(directory: Path, world: int) -> list[str]:
+    """Names of the per-rank files a checkpoint written by `world` workers lacks."""
+    return [rank_file(rank) for rank in range(world) if not (directory / rank_file(rank)).is_file()]
 
 
 def best_checkpoint(run_dir: str | Path) -> Path:

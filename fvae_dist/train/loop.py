@@ -271,7 +271,8 @@ def checkpoint_to_resume(run_dir: Path):
     checkpoint.unregistered_newer_checkpoint). Every rank reads the same files, so all choose
     the same one."""
     registered = ray.train.get_checkpoint()
-    newer = ckpt.unregistered_newer_checkpoint(run_dir, registered.path if registered is not None else None)
+    newer = ckpt.unregistered_newer_checkpoint(run_dir, registered.path if registered is not None else None,
+                                               load_state=_load_checkpoint_file)
     if newer is not None:
         yield newer
     elif registered is not None:
@@ -287,7 +288,7 @@ def resume(directory: Path, engine, cfg: ExperimentConfig, manifest_hash: str, r
     engine.module.load_state_dict(saved["model"])
     saved_world = int(saved.get("world_size", 0))
     rank_paths = [directory / ckpt.rank_file(r) for r in range(saved_world)]
-    missing = [p.name for p in rank_paths if not p.is_file()]
+    missing = ckpt.missing_rank_files(directory, saved_world)
     if missing:
         raise ConfigError(f"{directory}: incomplete checkpoint, missing {missing}")
     # every rank's file only when the optimizer state is sharded; else just this rank's RNG

@@ -110,3 +110,21 @@ def test_checkpoints_named_otherwise_are_left_to_ray(tmp_path):
     (tmp_path / "checkpoint_epochXYZ").mkdir()
     ckpt.save({"world_size": 1}, tmp_path / "checkpoint_epochXYZ" / ckpt.STATE_FILE)
     assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=None) == ours
+
+
+def test_the_newer_checkpoint_is_read_with_the_resumes_loader(tmp_path):
+    """A DeepSpeed run's state.pt holds DeepSpeed classes that plain weights_only loading
+    refuses; the search must read it the way the resume does, or it never finds one."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from fvae_dist.train.loop import _load_checkpoint_file
+
+    registered = _write_checkpoint(tmp_path, 0)
+    newer = tmp_path / ckpt.checkpoint_dir_name(1)
+    newer.mkdir()
+    scaler = LossScaler(scale=1.0)
+    ckpt.save({"world_size": 1, "optimizer": {"loss_scaler": scaler}}, newer / ckpt.STATE_FILE)
+    ckpt.save({"rng": None}, newer / ckpt.rank_file(0))
+    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered) is None  # plain loader refuses it
+    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered,
+                                              load_state=_load_checkpoint_file) == newer
