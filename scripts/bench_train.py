@@ -8,7 +8,9 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
     fp32 vs bf16, 1 vs 4 days per step, 1 thread and all-cores threads; the second of two passes
     over the same batches is timed (steady state, as the Ray runs leave out their first epoch)
   * Ray Train (the real `train()`, DDP, Ray Data input) with 1 and 2 workers, same variants, and
-    two 1-worker runs with data.feeder=false (Ray Data read in the worker's own threads)
+    two 1-worker runs with data.feeder=false (Ray Data read in the worker's own threads) and two
+    2-worker runs with train.allreduce=process_group (gradients averaged by gloo instead of
+    through shared memory)
   * eq. 4's GRU alone (forward + backward at S=300, fp32 and bf16): torch.nn.GRU against the
     models' FusedGRU, the share of the step that the GRU bounds
   * the 1-thread plain loop beside a busy neighbour process on the other core (compute-bound,
@@ -80,17 +82,19 @@ def main() -> None:
 
     ray_results = []
     if not args.skip_ray:
-        ray_variants = [(w, p, d, True) for w in (1, 2) for p in ("fp32", "bf16") for d in (1, 4)]
+        ray_variants = [(w, p, d, True, "auto") for w in (1, 2) for p in ("fp32", "bf16") for d in (1, 4)]
         # the same with each worker reading Ray Data in its own threads instead of a feeder actor
-        ray_variants += [(1, "fp32", 1, False), (1, "bf16", 4, False)]
+        ray_variants += [(1, "fp32", 1, False, "auto"), (1, "bf16", 4, False, "auto")]
+        # and with DDP's gloo all-reduce instead of the shared-memory one (train/shm_allreduce.py)
+        ray_variants += [(2, "fp32", 1, True, "process_group"), (2, "bf16", 1, True, "process_group")]
         if args.quick:
-            ray_variants = [(1, "fp32", 1, True), (2, "fp32", 1, True), (2, "bf16", 1, True)]
+            ray_variants = [(1, "fp32", 1, True, "auto"), (2, "fp32", 1, True, "auto"), (2, "bf16", 1, True, "auto")]
         import ray
 
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        for workers, precision, batch_days, feeder in ray_variants:
+        for workers, precision, batch_days, feeder, allreduce in ray_variants:
             ray_results.append(ray_run(dataset, workers, precision, batch_days, cores, epochs=2 if args.quick else 3,
-                                       feeder=feeder))
+                                       feeder=feeder, allreduce=allreduce))
         ray.shutdown()
     for row in plain + ray_results:
         row["gflops"] = row["stock_days_per_s"] * flops / 1e9
@@ -180,7 +184,7 @@ def gru_kernels(repeats: int, stocks: int = 300, steps: int = 20, hidden: int = 
     """Forward + backward of eq. 4's GRU alone on one day's stocks, one thread: torch.nn.GRU
     against the models' FusedGRU (same weights), fp32 and bf16, attempts interleaved."""
     from fvae_dist.models.fused_gru import FusedGRU
-    from fvae_dist.models.native.build import load_gru_kernels
+    from fvae_dist.native.build import load_gru_kernels
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -258,10 +262,11 @@ def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max
 # ----------------------------------------------------------------------------------------------
 
 def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores: int, epochs: int,
-            feeder: bool = True) -> dict:
+            feeder: bool = True, allreduce: str = "auto") -> dict:
     from fvae_dist.train.trainer import train
 
-    name = f"ray-w{workers}-{precision}-d{batch_days}" + ("" if feeder else "-nofeeder")
+    name = (f"ray-w{workers}-{precision}-d{batch_days}" + ("" if feeder else "-nofeeder")
+            + ("" if allreduce == "auto" else f"-{allreduce}"))
     storage = WORK / "runs"
     shutil.rmtree(storage / name, ignore_errors=True)
     # On `cores` CPUs the workers together may hold cores - 1, leaving one to Ray Data.
@@ -270,7 +275,7 @@ def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores:
         f"data.dataset_dir={dataset}", f"train.epochs={epochs}", "train.early_stopping_patience=0",
         "train.keep_checkpoints=1", "train.torch_threads=1", f"ray.num_workers={workers}",
         f"ray.cpus_per_worker={cpus_per_worker}", f"ray.storage_path={storage}", f"ray.run_name={name}",
-        f"data.feeder={str(feeder).lower()}",
+        f"data.feeder={str(feeder).lower()}", f"train.allreduce={allreduce}",
     ))
     started = time.perf_counter()
     metrics = train(cfg).metrics
@@ -279,6 +284,7 @@ def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores:
     epoch_seconds = sum(h["perf_epoch_seconds"] for h in metrics["history"])
     row = {
         "kind": "ray", "workers": workers, "precision": precision, "batch_days": batch_days, "feeder": feeder,
+        "allreduce": metrics["history"][-1].get("perf_allreduce"),
         "cores": min(workers, cores), "threads_per_worker": 1, "cpus_per_worker": cpus_per_worker,
         "epochs": epochs,
         "stock_days_per_s": float(np.mean([h["perf_stock_days_per_s"] for h in steady])),
@@ -293,7 +299,7 @@ def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores:
         "fixed_cost_s": wall - epoch_seconds,  # Ray start, data materialisation, validation, checkpoints
         "valid_rank_ic_last": metrics["history"][-1]["valid_rank_ic"],
     }
-    print(f"ray    workers={workers} {precision} D={batch_days}{'' if feeder else ' no feeder'}: "
+    print(f"ray    workers={workers} {precision} D={batch_days}{_variant_label(row)}: "
           f"{row['stock_days_per_s']:,.0f} stock-days/s "
           f"(data wait {100 * row['data_wait_fraction']:.1f}%, run {wall:.0f} s)")
     return row
@@ -361,7 +367,7 @@ def ray_overhead(plain: list, ray_results: list) -> list:
                  and p["batch_days"] == r["batch_days"]]
         if match:
             rows.append({"workers": r["workers"], "cores": r["cores"], "precision": r["precision"],
-                         "batch_days": r["batch_days"], "feeder": r["feeder"],
+                         "batch_days": r["batch_days"], "feeder": r["feeder"], "allreduce": r["allreduce"],
                          "plain_stock_days_per_s": match[0]["stock_days_per_s"],
                          "ray_stock_days_per_s": r["stock_days_per_s"],
                          "overhead_fraction": 1.0 - r["stock_days_per_s"] / match[0]["stock_days_per_s"]})
@@ -369,16 +375,21 @@ def ray_overhead(plain: list, ray_results: list) -> list:
 
 
 def print_table(plain: list, ray_results: list, overhead: list) -> None:
-    print(f"\n{'run':34s} {'stock-days/s':>13s} {'per core':>9s} {'data wait':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
+    print(f"\n{'run':50s} {'stock-days/s':>13s} {'per core':>9s} {'data wait':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
     for row in plain + ray_results:
         label = (f"plain threads={row['threads']}" if row["kind"] == "plain" else f"ray workers={row['workers']}")
-        label += f" {row['precision']} D={row['batch_days']}" + ("" if row.get("feeder", True) else " no feeder")
-        print(f"{label:34s} {row['stock_days_per_s']:13,.0f} {row['stock_days_per_s_per_core']:9,.0f} "
+        label += f" {row['precision']} D={row['batch_days']}" + _variant_label(row)
+        print(f"{label:50s} {row['stock_days_per_s']:13,.0f} {row['stock_days_per_s_per_core']:9,.0f} "
               f"{100 * row['data_wait_fraction']:8.1f}% {row['gflops']:8.1f} {100 * row['fraction_of_matmul_ceiling']:7.1f}%")
     for row in overhead:
-        print(f"Ray overhead, {row['cores']} core(s) {row['precision']} D={row['batch_days']}"
-              f"{'' if row['feeder'] else ' no feeder'}: "
+        print(f"Ray overhead, {row['cores']} core(s) {row['precision']} D={row['batch_days']}{_variant_label(row)}: "
               f"{100 * row['overhead_fraction']:.1f}%")
+
+
+def _variant_label(row: dict) -> str:
+    """What sets a Ray row apart from the default run ("" for the default and plain rows)."""
+    label = "" if row.get("feeder", True) else " no feeder"
+    return label + (" gloo all-reduce" if row.get("allreduce") == "process_group" else "")
 
 
 if __name__ == "__main__":

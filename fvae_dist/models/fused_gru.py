@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvae_dist.models.native.build import load_gru_kernels
+from fvae_dist.native.build import load_gru_kernels
 
 
 class FusedGRU(nn.GRU):

@@ -195,6 +195,7 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
         # the training thread's page faults; hundreds or more per step mean the allocator
         # returns memory to the kernel between steps (train/cpu_memory.py)
         "minor_faults_per_step": all_faults / per_step,
+        "allreduce": engine.allreduce,  # "shared_memory", "process_group", "deepspeed" or "none"
     }
 
 
@@ -214,6 +215,7 @@ def epoch_metrics(epoch: int, lr: float, train: dict, valid: dict, score: float,
         perf_step_fraction=train["step_fraction"],
         perf_minor_faults_per_step=train["minor_faults_per_step"],
         perf_epoch_seconds=train["seconds"],
+        perf_allreduce=train["allreduce"],
         checkpoint_score=score,
         best_epoch=state.best_epoch,
         best_valid_rank_ic=state.best_score,

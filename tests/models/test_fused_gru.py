@@ -1,4 +1,4 @@
-"""models/fused_gru.py and models/native/: the fused CPU GRU against torch.nn.GRU."""
+"""models/fused_gru.py and native/: the fused CPU GRU against torch.nn.GRU."""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +9,7 @@ import torch
 
 from fvae_dist.models import fused_gru
 from fvae_dist.models.fused_gru import FusedGRU
-from fvae_dist.models.native import build
+from fvae_dist.native import build
 
 HAS_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
 
@@ -146,7 +146,7 @@ def test_concurrent_builds_leave_one_complete_library(tmp_path, monkeypatch):
 def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("CXX", shutil.which("false") or "/bin/false")
-    monkeypatch.setattr(build, "_cache_key", lambda compiler: "broken")
+    monkeypatch.setattr(build, "_cache_key", lambda compiler, source: "broken")
     with pytest.warns(RuntimeWarning, match="using torch.nn.GRU"):
         assert build._build_and_load() is None
     assert list(tmp_path.iterdir()) == []

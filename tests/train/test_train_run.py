@@ -22,6 +22,7 @@ from fvae_dist.errors import DataError
 from fvae_dist.train.cpu_memory import WORKER_ENV_VARS
 from fvae_dist.train.engine import deepspeed_safe_globals
 from fvae_dist.train.predict import predict_split
+from fvae_dist.native.build import load_shm_sync
 from fvae_dist.train.trainer import train
 from tests.train.conftest import tiny_overrides
 
@@ -67,6 +68,8 @@ def test_run_folder_holds_everything(first_run, toy_dir):
         assert math.isfinite(h["train_loss"]) and h["perf_stock_days_per_s"] > 0
         assert 0 <= h["perf_data_wait_fraction"] <= 1
         assert h["perf_minor_faults_per_step"] >= 0
+        # two CPU workers on one machine average their gradients through shared memory
+        assert h["perf_allreduce"] == ("shared_memory" if load_shm_sync() is not None else "process_group")
 
 
 @pytest.mark.timeout(60)

@@ -1,6 +1,9 @@
-"""Compile the native GRU step kernels (gru_cell.cpp) on first use and load them with ctypes.
+"""Compile the native helpers on first use and load them with ctypes.
 
-    load_gru_kernels() -> ctypes.CDLL | None     None (with one warning) when unavailable
+    load_gru_kernels() -> ctypes.CDLL | None     gru_cell.cpp: the fused GRU's step kernels
+    load_shm_sync()    -> ctypes.CDLL | None     shm_sync.cpp: the shared-memory all-reduce's
+                                                 cross-process counters (train/shm_allreduce.py)
+Each returns None (with one warning) when unavailable.
 
 The library is built with the machine's C++ compiler (g++ or $CXX) for the machine's own CPU
 (-march=native) and cached under $FVAE_DIST_NATIVE_CACHE, else ~/.cache/fvae-dist/native. The
@@ -10,7 +13,8 @@ Several processes (Ray workers) may build at once: each writes its own temporary
 renames it into place, so a reader never sees a half-written library.
 
 No compiler, a failed build or FVAE_DIST_FUSED_GRU=0 all mean the same thing to callers: the
-kernels are unavailable and the models use torch.nn.GRU (same function, slower).
+kernels are unavailable and the models use torch.nn.GRU (same function, slower); without
+shm_sync, DDP averages gradients through its process group (gloo), as torch does by default.
 """
 from __future__ import annotations
 
@@ -23,55 +27,76 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-SOURCE = Path(__file__).with_name("gru_cell.cpp")
-ABI_VERSION = 2
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 DISABLE_ENV = "FVAE_DIST_FUSED_GRU"
 CACHE_ENV = "FVAE_DIST_NATIVE_CACHE"
+
+
+@dataclass(frozen=True)
+class NativeLibrary:
+    source: Path
+    abi_symbol: str                          # extern "C" int returning abi_version
+    abi_version: int
+    declare: Callable[[ctypes.CDLL], None]   # sets argtypes / restype
+    fallback: str                            # what callers do without it (for the warning)
+
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
 def load_gru_kernels() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when they are disabled or cannot be built here."""
+    """The compiled GRU kernels, or None when they are disabled or cannot be built here."""
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
+    return _load("gru")
+
+
+def load_shm_sync() -> ctypes.CDLL | None:
+    """The shared-memory counters, or None when they cannot be built here."""
+    return _load("shm")
+
+
+def _load(name: str) -> ctypes.CDLL | None:
     with _lock:
-        if "gru" not in _loaded:
-            _loaded["gru"] = _build_and_load()
-        return _loaded["gru"]
+        if name not in _loaded:
+            _loaded[name] = _build_and_load(LIBRARIES[name])
+        return _loaded[name]
 
 
-def _build_and_load() -> ctypes.CDLL | None:
+def _build_and_load(spec: NativeLibrary | None = None) -> ctypes.CDLL | None:
+    spec = spec or LIBRARIES["gru"]
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None or not platform.system() == "Linux" or platform.machine() not in ("x86_64", "aarch64"):
-        return _unavailable(f"no C++ compiler found or unsupported platform "
-                            f"({platform.system()} {platform.machine()})")
+        return _unavailable(spec, f"no C++ compiler found or unsupported platform "
+                                  f"({platform.system()} {platform.machine()})")
     try:
-        library = _cache_dir() / f"gru_cell-{_cache_key(compiler)}.so"
+        library = _cache_dir() / f"{spec.source.stem}-{_cache_key(compiler, spec.source)}.so"
         if not library.is_file():
-            _compile(compiler, library)
+            _compile(compiler, library, spec.source)
         lib = ctypes.CDLL(str(library))
-        if lib.fvae_gru_abi_version() != ABI_VERSION:
-            return _unavailable(f"{library}: ABI version {lib.fvae_gru_abi_version()}, expected {ABI_VERSION}")
+        version = getattr(lib, spec.abi_symbol)()
+        if version != spec.abi_version:
+            return _unavailable(spec, f"{library}: ABI version {version}, expected {spec.abi_version}")
     except (OSError, subprocess.SubprocessError) as error:
-        return _unavailable(str(error))
-    _declare(lib)
+        return _unavailable(spec, str(error))
+    spec.declare(lib)
     return lib
 
 
-def _compile(compiler: str, library: Path) -> None:
+def _compile(compiler: str, library: Path, source: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=library.stem + "-", suffix=".so.tmp", dir=library.parent)
     os.close(handle)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary],
+        result = subprocess.run([compiler, *FLAGS, str(source), "-o", temporary],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise subprocess.SubprocessError(f"{compiler} failed on {SOURCE}:\n{result.stderr.strip()[-2000:]}")
+            raise subprocess.SubprocessError(f"{compiler} failed on {source}:\n{result.stderr.strip()[-2000:]}")
         os.replace(temporary, library)  # atomic: concurrent builders each rename a complete file
     finally:
         if os.path.exists(temporary):
@@ -85,9 +110,9 @@ def _cache_dir() -> Path:
     return home_cache / "fvae-dist" / "native"
 
 
-def _cache_key(compiler: str) -> str:
+def _cache_key(compiler: str, source: Path) -> str:
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    digest.update(source.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest.update(version.encode())
@@ -106,7 +131,7 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def _declare_gru(lib: ctypes.CDLL) -> None:
     """Argument types, so ctypes passes 64-bit integers and pointers correctly."""
     long, ptr = ctypes.c_long, ctypes.c_void_p
     for suffix in ("f32", "bf16"):
@@ -118,7 +143,22 @@ def _declare(lib: ctypes.CDLL) -> None:
         backward.restype = None
 
 
-def _unavailable(reason: str) -> None:
-    warnings.warn(f"fvae_dist fused GRU kernels unavailable, using torch.nn.GRU: {reason}", RuntimeWarning,
-                  stacklevel=3)
+def _declare_shm(lib: ctypes.CDLL) -> None:
+    lib.fvae_shm_publish.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.fvae_shm_publish.restype = None
+    lib.fvae_shm_wait_all.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int64, ctypes.c_int64]
+    lib.fvae_shm_wait_all.restype = ctypes.c_int
+
+
+def _unavailable(spec: NativeLibrary, reason: str) -> None:
+    warnings.warn(f"fvae_dist native {spec.source.name} unavailable, {spec.fallback}: {reason}", RuntimeWarning,
+                  stacklevel=4)
     return None
+
+
+LIBRARIES = {
+    "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 2, _declare_gru,
+                         "using torch.nn.GRU"),
+    "shm": NativeLibrary(Path(__file__).with_name("shm_sync.cpp"), "fvae_shm_abi_version", 1, _declare_shm,
+                         "averaging gradients through the process group"),
+}
