@@ -153,14 +153,20 @@ def _create_segment(layout: _Layout) -> tuple[tuple[str, bytes] | None, str | No
         return None, f"{SHM_DIR} does not exist"
     try:
         handle, path = tempfile.mkstemp(prefix="fvae-dist-allreduce-", dir=SHM_DIR)
+    except OSError as error:
+        return None, f"cannot create a file in {SHM_DIR}: {error}"
+    try:
         try:
-            os.ftruncate(handle, size)
+            # allocate the pages now: a tmpfs too small for them (Docker's default /dev/shm is
+            # 64 MB) fails here with ENOSPC instead of killing a worker with SIGBUS mid-step
+            os.posix_fallocate(handle, 0, size)
             token = secrets.token_bytes(TOKEN_BYTES)
             os.pwrite(handle, token, layout.token_offset)
         finally:
             os.close(handle)
     except OSError as error:
-        return None, f"cannot create a {size}-byte segment in {SHM_DIR}: {error}"
+        os.unlink(path)
+        return None, f"cannot allocate a {size}-byte segment in {SHM_DIR}: {error}"
     return (path, token), None
 
 

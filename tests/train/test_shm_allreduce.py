@@ -135,3 +135,15 @@ def test_a_segment_from_another_machine_is_refused(tmp_path):
         assert mapping is None and "cannot map" in problem
     finally:
         shm_allreduce.os.unlink(offer[0])
+
+
+def test_a_full_tmpfs_is_refused_up_front_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(shm_allreduce, "SHM_DIR", tmp_path)
+
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm_allreduce.os, "posix_fallocate", no_space)
+    offer, problem = _create_segment(_Layout(world=2, slot_numel=1000, dtype=torch.float32))
+    assert offer is None and "No space left" in problem and str(tmp_path) in problem
+    assert list(tmp_path.iterdir()) == []
