@@ -10,7 +10,7 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
   * Ray Train (the real `train()`, DDP, Ray Data input) with 1 and 2 workers, same variants, and
     two 1-worker runs with data.feeder=false (Ray Data read in the worker's own threads) and two
     2-worker runs with train.allreduce=process_group (gradients averaged by gloo instead of
-    through shared memory)
+    through shared memory), each right beside a repeat of its shared-memory twin
   * eq. 4's GRU alone (forward + backward at S=300, fp32 and bf16): torch.nn.GRU against the
     models' FusedGRU, the share of the step that the GRU bounds
   * the 1-thread plain loop beside a busy neighbour process on the other core (compute-bound,
@@ -82,23 +82,26 @@ def main() -> None:
 
     ray_results = []
     if not args.skip_ray:
-        ray_variants = [(w, p, d, True, "auto") for w in (1, 2) for p in ("fp32", "bf16") for d in (1, 4)]
+        ray_variants = [dict(workers=w, precision=p, batch_days=d)
+                        for w in (1, 2) for p in ("fp32", "bf16") for d in (1, 4)]
         # the same with each worker reading Ray Data in its own threads instead of a feeder actor
-        ray_variants += [(1, "fp32", 1, False, "auto"), (1, "bf16", 4, False, "auto")]
+        ray_variants += [dict(workers=1, precision="fp32", batch_days=1, feeder=False),
+                         dict(workers=1, precision="bf16", batch_days=4, feeder=False)]
         # 2 workers, one day per step, with DDP's gloo all-reduce instead of the shared-memory
         # one (train/shm_allreduce.py), each run right beside a repeat of its shared-memory twin:
         # this machine drifts by 10% within the benchmark's quarter of an hour
         for precision in ("fp32", "bf16"):
-            ray_variants += [(2, precision, 1, True, "process_group"), (2, precision, 1, True, "shared_memory")]
+            ray_variants += [dict(workers=2, precision=precision, batch_days=1, allreduce=allreduce, ab_twin=True)
+                             for allreduce in ("process_group", "auto")]
         if args.quick:
-            ray_variants = [(1, "fp32", 1, True, "auto"), (2, "fp32", 1, True, "auto"), (2, "bf16", 1, True, "auto")]
+            ray_variants = [dict(workers=1, precision="fp32", batch_days=1),
+                            dict(workers=2, precision="fp32", batch_days=1),
+                            dict(workers=2, precision="bf16", batch_days=1)]
         import ray
 
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        for workers, precision, batch_days, feeder, allreduce in ray_variants:
-            # "shared_memory" is the default ("auto") again, labelled as the A/B twin of the gloo run
-            ray_results.append(ray_run(dataset, workers, precision, batch_days, cores, epochs=2 if args.quick else 3,
-                                       feeder=feeder, allreduce=allreduce))
+        for variant in ray_variants:
+            ray_results.append(ray_run(dataset, cores=cores, epochs=2 if args.quick else 3, **variant))
         ray.shutdown()
     for row in plain + ray_results:
         row["gflops"] = row["stock_days_per_s"] * flops / 1e9
@@ -265,13 +268,13 @@ def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max
 # Ray Train: the product's train() with a fresh run folder
 # ----------------------------------------------------------------------------------------------
 
-def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores: int, epochs: int,
-            feeder: bool = True, allreduce: str = "auto") -> dict:
+def ray_run(dataset: Path, *, workers: int, precision: str, batch_days: int, cores: int, epochs: int,
+            feeder: bool = True, allreduce: str = "auto", ab_twin: bool = False) -> dict:
+    """One train() run; ab_twin marks the back-to-back gloo / shared-memory pairs."""
     from fvae_dist.train.trainer import train
 
     name = (f"ray-w{workers}-{precision}-d{batch_days}" + ("" if feeder else "-nofeeder")
-            + ("" if allreduce == "auto" else f"-{allreduce}"))
-    requested, allreduce = allreduce, ("auto" if allreduce == "shared_memory" else allreduce)
+            + (f"-ab-{allreduce}" if ab_twin else ""))
     storage = WORK / "runs"
     shutil.rmtree(storage / name, ignore_errors=True)
     # On `cores` CPUs the workers together may hold cores - 1, leaving one to Ray Data.
@@ -290,7 +293,7 @@ def ray_run(dataset: Path, workers: int, precision: str, batch_days: int, cores:
     row = {
         "kind": "ray", "workers": workers, "precision": precision, "batch_days": batch_days, "feeder": feeder,
         "allreduce": metrics["history"][-1].get("perf_allreduce"),
-        "ab_twin": requested != "auto",  # one of the adjacent gloo / shared-memory pair
+        "ab_twin": ab_twin,
         "cores": min(workers, cores), "threads_per_worker": 1, "cpus_per_worker": cpus_per_worker,
         "epochs": epochs,
         "stock_days_per_s": float(np.mean([h["perf_stock_days_per_s"] for h in steady])),

@@ -68,8 +68,7 @@ def _load(name: str) -> ctypes.CDLL | None:
         return _loaded[name]
 
 
-def _build_and_load(spec: NativeLibrary | None = None) -> ctypes.CDLL | None:
-    spec = spec or LIBRARIES["gru"]
+def _build_and_load(spec: NativeLibrary) -> ctypes.CDLL | None:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None or not platform.system() == "Linux" or platform.machine() not in ("x86_64", "aarch64"):
         return _unavailable(spec, f"no C++ compiler found or unsupported platform "

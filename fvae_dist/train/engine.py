@@ -68,9 +68,9 @@ class DDPEngine:
             self.wrapped = prepare_model(model, move_to_device=False, parallel_strategy="ddp")
             self.allreduce = "process_group"
             if device.type == "cpu" and train.allreduce == "auto":
-                hook = SharedMemoryAllReduce.connect(model.parameters(), timeout_s=ALLREDUCE_TIMEOUT_S)
-                if hook is not None:
-                    self.wrapped.register_comm_hook(None, hook.hook)
+                shared = SharedMemoryAllReduce.connect(model.parameters(), timeout_s=ALLREDUCE_TIMEOUT_S)
+                if shared is not None:
+                    self.wrapped.register_comm_hook(None, shared.hook)
                     self.allreduce = "shared_memory"
         else:
             self.wrapped = model

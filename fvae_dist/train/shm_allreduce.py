@@ -49,17 +49,16 @@ TOKEN_BYTES = 16
 class SharedMemoryAllReduce:
     """DDP communication hook (`hook`) averaging the gradients over shared memory."""
 
-    def __init__(self, mapping: mmap.mmap, rank: int, world: int, slot_numel: int, dtype: torch.dtype,
-                 lib: ctypes.CDLL, timeout_s: float):
-        self.rank, self.world, self.timeout_s = rank, world, timeout_s
-        self._mapping, self._lib = mapping, lib
+    def __init__(self, mapping: mmap.mmap, layout: _Layout, rank: int, lib: ctypes.CDLL, timeout_s: float):
+        self.rank, self.world, self.timeout_s = rank, layout.world, timeout_s
+        self._mapping, self._lib = mapping, lib  # the views below keep the mapping alive too
         self._calls = 0
-        layout = _Layout(world, slot_numel, dtype)
         whole = torch.frombuffer(mapping, dtype=torch.uint8)
         self._address = whole.data_ptr()                               # the counters start here
         # halves[h] is (world, slot_numel): one slot per rank
         self._halves = [whole[layout.half_offset(h): layout.half_offset(h) + layout.half_bytes]
-                        .view(dtype)[: world * slot_numel].view(world, slot_numel) for h in (0, 1)]
+                        .view(layout.dtype)[: layout.world * layout.slot_numel].view(layout.world, layout.slot_numel)
+                        for h in (0, 1)]
 
     @classmethod
     def connect(cls, parameters, timeout_s: float) -> SharedMemoryAllReduce | None:
@@ -90,14 +89,14 @@ class SharedMemoryAllReduce:
         if rank == 0 and offer[0] is not None:
             os.unlink(offer[0][0])  # every rank holds its mapping; nothing is left in /dev/shm
         failed = {r: p for r, p in enumerate(problems) if p is not None}
-        if failed or offer[0] is None:
+        if failed:  # rank 0 among them when it made no segment
             if mapping is not None:
                 mapping.close()
             if rank == 0:
                 warnings.warn("gradient all-reduce through the process group (gloo): shared memory unavailable: "
                               + "; ".join(f"rank {r}: {p}" for r, p in failed.items()), RuntimeWarning, stacklevel=2)
             return None
-        return cls(mapping, rank, world, layout.slot_numel, layout.dtype, lib, timeout_s)
+        return cls(mapping, layout, rank, lib, timeout_s)
 
     def hook(self, state, bucket):  # -> Future[Tensor]; DDP rejects string annotations
         grads = bucket.buffer()                                        # this rank's flat bucket
@@ -117,14 +116,6 @@ class SharedMemoryAllReduce:
         done = torch.futures.Future()
         done.set_result(grads)
         return done
-
-    def close(self) -> None:
-        """Unmap (tests; a worker process simply exits). Tensors viewing the segment must be gone."""
-        self._halves = []
-        try:
-            self._mapping.close()
-        except BufferError:  # a view is still alive somewhere: the mapping goes with the process
-            pass
 
 
 class _Layout:

@@ -46,7 +46,7 @@ def test_the_fused_kernels_build_on_a_machine_with_a_compiler():
         assert build.load_gru_kernels() is not None
     else:  # the models still work, on torch.nn.GRU
         with pytest.warns(RuntimeWarning, match="unavailable"):
-            assert build._build_and_load() is None
+            assert build._build_and_load(build.LIBRARIES["gru"]) is None
 
 
 @pytest.mark.parametrize("shape", [(300, 20, 64, 64, 1), (7, 1, 5, 3, 1), (13, 4, 6, 8, 2), (1, 3, 2, 2, 3)])
@@ -134,7 +134,8 @@ def test_concurrent_builds_leave_one_complete_library(tmp_path, monkeypatch):
     """Ray workers may build at once into a shared cache: each renames a finished file."""
     monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))
     results = []
-    threads = [threading.Thread(target=lambda: results.append(build._build_and_load())) for _ in range(3)]
+    build_gru = lambda: results.append(build._build_and_load(build.LIBRARIES["gru"]))  # noqa: E731
+    threads = [threading.Thread(target=build_gru) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -148,7 +149,7 @@ def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", shutil.which("false") or "/bin/false")
     monkeypatch.setattr(build, "_cache_key", lambda compiler, source: "broken")
     with pytest.warns(RuntimeWarning, match="using torch.nn.GRU"):
-        assert build._build_and_load() is None
+        assert build._build_and_load(build.LIBRARIES["gru"]) is None
     assert list(tmp_path.iterdir()) == []
 
 
@@ -159,4 +160,4 @@ def test_the_compiler_error_is_in_the_warning(tmp_path, monkeypatch):
     monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(script))
     with pytest.warns(RuntimeWarning, match="no such intrinsic"):
-        assert build._build_and_load() is None
+        assert build._build_and_load(build.LIBRARIES["gru"]) is None

@@ -117,8 +117,7 @@ def test_a_rank_that_never_arrives_fails_the_step_with_a_clear_error():
     mapping, problem = _attach(*offer, layout)
     shm_allreduce.os.unlink(offer[0])
     assert problem is None
-    hook = SharedMemoryAllReduce(mapping, rank=0, world=2, slot_numel=10, dtype=torch.float32,
-                                 lib=load_shm_sync(), timeout_s=0.2)
+    hook = SharedMemoryAllReduce(mapping, layout, rank=0, lib=load_shm_sync(), timeout_s=0.2)
     started = time.perf_counter()
     with pytest.raises(RuntimeError, match="rank 0 waited 0 s for the other 1 rank"):
         hook.hook(None, _Bucket(torch.ones(10)))
