@@ -1,8 +1,9 @@
 """Compile the native helpers on first use and load them with ctypes.
 
     load_gru_kernels() -> ctypes.CDLL | None     gru_cell.cpp: the fused GRU's step kernels
-    load_shm_sync()    -> ctypes.CDLL | None     shm_sync.cpp: the shared-memory all-reduce's
-                                                 cross-process counters (train/shm_allreduce.py)
+    load_shm_sync()    -> ctypes.CDLL | None     shm_sync.cpp: the cross-process counters of the
+                                                 shared-memory all-reduce and step flags
+                                                 (train/shm_allreduce.py)
 Each returns None (with one warning) when unavailable.
 
 The library is built with the machine's C++ compiler (g++ or $CXX) for the machine's own CPU
@@ -147,6 +148,8 @@ def _declare_shm(lib: ctypes.CDLL) -> None:
     lib.fvae_shm_publish.restype = None
     lib.fvae_shm_wait_all.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int64, ctypes.c_int64]
     lib.fvae_shm_wait_all.restype = ctypes.c_int
+    lib.fvae_shm_all_equal.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int64]
+    lib.fvae_shm_all_equal.restype = ctypes.c_int
 
 
 def _unavailable(spec: NativeLibrary, reason: str) -> None:
@@ -158,6 +161,6 @@ def _unavailable(spec: NativeLibrary, reason: str) -> None:
 LIBRARIES = {
     "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 2, _declare_gru,
                          "using torch.nn.GRU"),
-    "shm": NativeLibrary(Path(__file__).with_name("shm_sync.cpp"), "fvae_shm_abi_version", 1, _declare_shm,
+    "shm": NativeLibrary(Path(__file__).with_name("shm_sync.cpp"), "fvae_shm_abi_version", 2, _declare_shm,
                          "averaging gradients through the process group"),
 }

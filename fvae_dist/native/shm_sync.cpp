@@ -44,7 +44,7 @@ constexpr long kNapNs = 50000;         // then 50 µs naps: a rank far behind (v
 
 extern "C" {
 
-int fvae_shm_abi_version() { return 1; }
+int fvae_shm_abi_version() { return 2; }
 
 // Store `value` into the counter at `counter` (8-byte aligned) with release semantics: every
 // write this thread made before (the gradient slot) is visible to whoever sees the value.
@@ -72,6 +72,15 @@ int fvae_shm_wait_all(void* counters, long stride, long count, int64_t target, i
             nanosleep(&nap, nullptr);
         }
     }
+}
+
+// 1 when each of `count` counters (laid out as in fvae_shm_wait_all) holds exactly `value`,
+// else 0. Read after fvae_shm_wait_all: the lockstep flags encode "have a batch" in the value.
+int fvae_shm_all_equal(void* counters, long stride, long count, int64_t value) {
+    const char* base = static_cast<const char*>(counters);
+    for (long i = 0; i < count; ++i)
+        if (load_acquire(base, stride, i) != value) return 0;
+    return 1;
 }
 
 }  // extern "C"

@@ -61,6 +61,7 @@ class DDPEngine:
             raise ConfigError("train.precision=fp16 needs CUDA workers (ray.use_gpu=true); on CPU use bf16")
         self.module = model.to(device)
         self.allreduce = "none"  # how gradients are averaged across workers (recorded in metrics)
+        self.step_flags = None   # the lockstep flag channel; None: the process group's (train/loop.py)
         if world_size > 1:
             from ray.train.torch import prepare_model
 
@@ -72,6 +73,7 @@ class DDPEngine:
                 if shared is not None:
                     self.wrapped.register_comm_hook(None, shared.hook)
                     self.allreduce = "shared_memory"
+                    self.step_flags = shared
         else:
             self.wrapped = model
         # fused: one kernel over all parameters instead of a dozen ops per tensor; 0.12 ms
@@ -122,6 +124,7 @@ class DeepSpeedEngine:
     its own partition and a resume hands all partitions to DeepSpeed, which re-partitions them."""
 
     allreduce = "deepspeed"
+    step_flags = None  # lockstep flags through the process group (train/loop.py)
 
     def __init__(self, model: nn.Module, cfg: ExperimentConfig, device: torch.device):
         import deepspeed

@@ -22,6 +22,13 @@ Every rank adds the same numbers in the same order, so the replicas stay bitwise
 with gloo. Two halves make reuse safe: a rank can only start call c+2 (the same half as call c)
 after every rank published call c+1, which each does after it finished reading call c.
 
+The same segment carries the training loop's per-step "every worker still has a batch" flag
+(train/loop.py, LockstepBatches), which otherwise is one more gloo all-reduce a step: each rank
+publishes 2*call + have in its flag line and waits for every rank's call. Flags alternate
+between two words per rank by the parity of the call, for the reason the halves do: a rank
+publishes flag call c+1 only after it has read every flag of call c, so the word of call c
+cannot be overwritten (by call c+2) while a rank is still reading it.
+
 Where: only when every rank can map the segment rank 0 created (checked with a random token,
 so two hosts with the same name cannot fool it) and the native counters build. Otherwise,
 multi-node clusters and GPUs included, DDP keeps its process group's all-reduce.
@@ -47,14 +54,17 @@ TOKEN_BYTES = 16
 
 
 class SharedMemoryAllReduce:
-    """DDP communication hook (`hook`) averaging the gradients over shared memory."""
+    """DDP communication hook (`hook`) averaging the gradients over shared memory, and the
+    lockstep flag channel (`send_flag`, `all_have`) for the training loop."""
 
     def __init__(self, mapping: mmap.mmap, layout: _Layout, rank: int, lib: ctypes.CDLL, timeout_s: float):
         self.rank, self.world, self.timeout_s = rank, layout.world, timeout_s
         self._mapping, self._lib = mapping, lib  # the views below keep the mapping alive too
         self._calls = 0
+        self._flag_calls = 0
         whole = torch.frombuffer(mapping, dtype=torch.uint8)
         self._address = whole.data_ptr()                               # the counters start here
+        self._flag_address = self._address + layout.flag_offset        # then the flag lines
         # halves[h] is (world, slot_numel): one slot per rank
         self._halves = [whole[layout.half_offset(h): layout.half_offset(h) + layout.half_bytes]
                         .view(layout.dtype)[: layout.world * layout.slot_numel].view(layout.world, layout.slot_numel)
@@ -118,14 +128,33 @@ class SharedMemoryAllReduce:
         return done
 
 
+    def send_flag(self, have: bool) -> int:
+        """Publish this rank's flag for the next lockstep call; returns the call number for
+        all_have. Never blocks: peers read it whenever they get there."""
+        self._flag_calls += 1
+        parity = self._flag_calls % 2
+        self._lib.fvae_shm_publish(self._flag_address + self.rank * CACHE_LINE + parity * 8,
+                                   2 * self._flag_calls + int(have))
+        return self._flag_calls
+
+    def all_have(self, call: int) -> bool:
+        """True when every rank sent have=True for `call` (waits until all have sent it)."""
+        words = self._flag_address + (call % 2) * 8                   # each rank's word of this parity
+        if self._lib.fvae_shm_wait_all(words, CACHE_LINE, self.world, 2 * call, int(self.timeout_s * 1e9)) != 0:
+            raise RuntimeError(f"shared-memory step flags: rank {self.rank} waited {self.timeout_s:.0f} s for "
+                               f"the other {self.world - 1} rank(s) to reach lockstep flag call {call}")
+        return bool(self._lib.fvae_shm_all_equal(words, CACHE_LINE, self.world, 2 * call + 1))
+
+
 class _Layout:
-    """Byte layout of the segment: counters (one cache line per rank), then two halves of
-    `world` slots of `slot_numel` elements, each half page-aligned."""
+    """Byte layout of the segment: gradient counters (one cache line per rank), flag lines (one
+    cache line per rank, two words used), the token, then two halves of `world` slots of
+    `slot_numel` elements, each half page-aligned."""
 
     def __init__(self, world: int, slot_numel: int, dtype: torch.dtype):
         self.world, self.slot_numel, self.dtype = world, max(slot_numel, 1), dtype
         itemsize = torch.empty((), dtype=dtype).element_size()
-        self.counter_bytes = _round_up(world * CACHE_LINE + TOKEN_BYTES, mmap.PAGESIZE)
+        self.counter_bytes = _round_up(2 * world * CACHE_LINE + TOKEN_BYTES, mmap.PAGESIZE)
         self.half_bytes = _round_up(world * self.slot_numel * itemsize, mmap.PAGESIZE)
         self.total_bytes = self.counter_bytes + 2 * self.half_bytes
 
@@ -133,8 +162,12 @@ class _Layout:
         return self.counter_bytes + half * self.half_bytes
 
     @property
-    def token_offset(self) -> int:
+    def flag_offset(self) -> int:
         return self.world * CACHE_LINE
+
+    @property
+    def token_offset(self) -> int:
+        return 2 * self.world * CACHE_LINE
 
 
 def _create_segment(layout: _Layout) -> tuple[tuple[str, bytes] | None, str | None]:

@@ -110,17 +110,30 @@ class _Bucket:
         return self._tensor
 
 
-def test_a_rank_that_never_arrives_fails_the_step_with_a_clear_error():
+def _lonely_rank_0(timeout_s: float) -> SharedMemoryAllReduce:
     layout = _Layout(world=2, slot_numel=10, dtype=torch.float32)
     offer, problem = _create_segment(layout)
     assert problem is None
     mapping, problem = _attach(*offer, layout)
     shm_allreduce.os.unlink(offer[0])
     assert problem is None
-    hook = SharedMemoryAllReduce(mapping, layout, rank=0, lib=load_shm_sync(), timeout_s=0.2)
+    return SharedMemoryAllReduce(mapping, layout, rank=0, lib=load_shm_sync(), timeout_s=timeout_s)
+
+
+def test_a_rank_that_never_arrives_fails_the_step_with_a_clear_error():
+    hook = _lonely_rank_0(timeout_s=0.2)
     started = time.perf_counter()
-    with pytest.raises(RuntimeError, match="rank 0 waited 0 s for the other 1 rank"):
+    with pytest.raises(RuntimeError, match="rank 0 waited 0 s for the other 1 rank.*gradient bucket call 1"):
         hook.hook(None, _Bucket(torch.ones(10)))
+    assert 0.2 <= time.perf_counter() - started < 5
+
+
+def test_a_rank_that_never_sends_its_step_flag_fails_with_a_clear_error():
+    flags = _lonely_rank_0(timeout_s=0.2)
+    call = flags.send_flag(True)
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="rank 0 waited 0 s for the other 1 rank.*lockstep flag call 1"):
+        flags.all_have(call)
     assert 0.2 <= time.perf_counter() - started < 5
 
 
