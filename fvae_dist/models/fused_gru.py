@@ -3,12 +3,13 @@
 Same parameters (weight_ih_l0, ...), same state_dict, same function; only the CPU arithmetic is
 arranged differently. Per layer:
 
-    gi = x W_ih^T + b_ih                   one (S*T, I) x (I, 3H) product for all time steps
+    gi = x W_ih^T                          one (S*T, I) x (I, 3H) product for all time steps
     for t = 1..T:                          the recurrence, T small products + one fused kernel
-        gh = h_{t-1} W_hh^T + b_hh         (S, H) x (H, 3H); b_hh's r, z parts are folded into gi
-        r, z, n, h_t = gates(gi_t, gh)     native/gru_cell.cpp, one pass over (S, 3H)
-and backward by hand: T fused gate-gradient passes and T (S, 3H) x (3H, H) products for the
-recurrence, then the weight gradients as two large products over all S*T rows at once.
+        gh = h_{t-1} W_hh^T                (S, H) x (H, 3H)
+        r, z, n, h_t = gates(gi_t, gh, b)  native/gru_cell.cpp, one pass over (S, 3H), biases added
+and backward by hand: T fused gate-gradient passes (which also sum the bias gradients) and T
+(S, 3H) x (3H, H) products for the recurrence, then the weight gradients as two large products
+over all S*T rows at once.
 
 Why: torch's CPU GRU runs every gate's sigmoid/tanh/add/multiply as its own tensor op, forward
 and, through autograd, backward (about 30 ops per time step); at FactorVAE's size (S=300 stocks,
@@ -74,11 +75,11 @@ class _GRULayer(torch.autograd.Function):
             H = w_hh.shape[1]
             x_mm = x.to(mm_dtype).contiguous()
             w_ih_mm, w_hh_mm = w_ih.to(mm_dtype), w_hh.to(mm_dtype)
-            # r and z only see gi + gh, so b_hh's r and z parts join gi's bias (added once, not T
-            # times); b_hn stays apart, it is multiplied by r.
-            b_gi = torch.cat([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]]).to(mm_dtype)
+            # The kernel adds the biases. r and z only see gi + gh, so b_hh's r and z parts join
+            # gi's bias; b_hn stays apart, it is multiplied by r.
+            b_gi = torch.cat([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]]).detach().float().contiguous()
             b_hn = b_hh[2 * H :].detach().float().contiguous()
-            gi = torch.addmm(b_gi, x_mm.reshape(-1, x.shape[-1]), w_ih_mm.t())  # (S*T or T*S, 3H)
+            gi = torch.mm(x_mm.reshape(-1, x.shape[-1]), w_ih_mm.t())  # (S*T or T*S, 3H), no bias
             gi_step = _StepRows(gi, T, S, time_major)
 
             states = x.new_empty((T + 1, S, H), dtype=torch.float32)   # states[0] = h_0 = 0
@@ -100,8 +101,8 @@ class _GRULayer(torch.autograd.Function):
                     gh.zero_()                                         # h_0 = 0
                 else:
                     torch.mm(states_mm_steps[t], w_hh_t, out=gh)       # (S, 3H), bias-free
-                forward_step(S, H, gi_step.pointer(t), gi_step.stride, gh_ptr, b_hn.data_ptr(), state_ptr(t),
-                             state_ptr(t + 1), state_mm_ptr(t + 1), gates_ptr(t))
+                forward_step(S, H, gi_step.pointer(t), gi_step.stride, gh_ptr, b_gi.data_ptr(), b_hn.data_ptr(),
+                             state_ptr(t), state_ptr(t + 1), state_mm_ptr(t + 1), gates_ptr(t))
 
         ctx.save_for_backward(x_mm, w_ih_mm, w_hh_mm, states, states_mm, gates)
         ctx.shape, ctx.time_major, ctx.bf16, ctx.kernels = (T, S, H), time_major, bf16, kernels
@@ -126,23 +127,24 @@ class _GRULayer(torch.autograd.Function):
         dgi_step = _StepRows(dgi, T, S, ctx.time_major)
         dgh = x_mm.new_empty((T, S, 3 * H), dtype=mm_dtype)
         dh_mm = x_mm.new_zeros((S, H), dtype=mm_dtype)                 # dgh_{t+1} W_hh (0 after h_T)
+        db = states.new_zeros(4 * H)                                   # sum of d_r, d_z, d_n, d_n * r
         backward_step = ctx.kernels.fvae_gru_backward_step_bf16 if bf16 else ctx.kernels.fvae_gru_backward_step_f32
         state_ptr, gates_ptr, dgh_ptr = _steps(states), _steps(gates), _steps(dgh)
         dh_carry_ptr, dh_mm_ptr, dgh_steps = dh_carry.data_ptr(), dh_mm.data_ptr(), dgh.unbind(0)
         for t in reversed(range(T)):
             backward_step(S, H, out_row_ptr(t), out_stride, dh_carry_ptr, dh_mm_ptr, gates_ptr(t), state_ptr(t),
-                          dgi_step.pointer(t), dgi_step.stride, dgh_ptr(t))
+                          dgi_step.pointer(t), dgi_step.stride, dgh_ptr(t), db.data_ptr())
             if t > 0:                                                  # h_0 is a constant
                 torch.mm(dgh_steps[t], w_hh_mm, out=dh_mm)
 
         x_rows = x_mm.reshape(-1, x_mm.shape[-1])                       # (S*T, I), rows match dgi's
         dx = (dgi @ w_ih_mm).reshape(x_mm.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         dw_ih = (dgi.t() @ x_rows).float()                             # (3H, I)
-        db_ih = dgi.sum(dim=0, dtype=torch.float32)
+        db_ih = db[: 3 * H]                                            # d_r, d_z, d_n
         # gh_t = h_{t-1} W_hh^T for t >= 2 (h_0 = 0 adds nothing): one product over all those rows
         h_prev = states_mm[1:T].reshape(-1, H)                         # ((T-1)*S, H)
         dw_hh = (dgh[1:].reshape(-1, 3 * H).t() @ h_prev).float()      # (3H, H)
-        db_hh = dgh.reshape(-1, 3 * H).sum(dim=0, dtype=torch.float32)
+        db_hh = torch.cat([db[: 2 * H], db[3 * H :]])                  # d_r, d_z, d_n * r
         return dx, dw_ih, dw_hh, db_ih, db_hh, None, None, None
 
 

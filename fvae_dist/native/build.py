@@ -136,10 +136,10 @@ def _declare_gru(lib: ctypes.CDLL) -> None:
     long, ptr = ctypes.c_long, ctypes.c_void_p
     for suffix in ("f32", "bf16"):
         forward = getattr(lib, f"fvae_gru_forward_step_{suffix}")
-        forward.argtypes = [long, long, ptr, long, ptr, ptr, ptr, ptr, ptr, ptr]
+        forward.argtypes = [long, long, ptr, long, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         forward.restype = None
         backward = getattr(lib, f"fvae_gru_backward_step_{suffix}")
-        backward.argtypes = [long, long, ptr, long, ptr, ptr, ptr, ptr, ptr, long, ptr]
+        backward.argtypes = [long, long, ptr, long, ptr, ptr, ptr, ptr, ptr, long, ptr, ptr]
         backward.restype = None
 
 
@@ -159,7 +159,7 @@ def _unavailable(spec: NativeLibrary, reason: str) -> None:
 
 
 LIBRARIES = {
-    "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 2, _declare_gru,
+    "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 3, _declare_gru,
                          "using torch.nn.GRU"),
     "shm": NativeLibrary(Path(__file__).with_name("shm_sync.cpp"), "fvae_shm_abi_version", 2, _declare_shm,
                          "averaging gradients through the process group"),
