@@ -15,7 +15,9 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
     models' FusedGRU, the share of the step that the GRU bounds
   * the 1-thread plain loop beside a busy neighbour process on the other core (compute-bound,
     then memory-bound): how much of Ray's overhead is shared cache and memory bandwidth
-  * Ray's overhead against the plain loop at the same core count, the fraction of the epoch the
+  * Ray's overhead against the plain loop at the same core count (the plain rows' best of three,
+    and the mean of a plain run of the same setting right before and right after the Ray run,
+    which the machine's drift over the quarter of an hour cannot skew), the fraction of the epoch the
     workers wait for input, achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one
     training step) against the matmul ceiling, and the per-core rate against the 20,000
     stock-days/s target.
@@ -101,7 +103,16 @@ def main() -> None:
 
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         for variant in ray_variants:
-            ray_results.append(ray_run(dataset, cores=cores, epochs=2 if args.quick else 3, **variant))
+            # The plain loop of the same setting right before and right after the run: Ray's
+            # overhead is also stated against these, as the machine drifts by 10% or more between
+            # the plain rows above and a Ray run a quarter of an hour later.
+            twin = dict(precision=variant["precision"], batch_days=variant["batch_days"],
+                        threads=min(variant["workers"], cores), max_steps=12 if args.quick else 40)
+            before = plain_loop(days, **twin)
+            row = ray_run(dataset, cores=cores, epochs=2 if args.quick else 3, **variant)
+            after = plain_loop(days, **twin)
+            row["adjacent_plain_stock_days_per_s"] = [before["stock_days_per_s"], after["stock_days_per_s"]]
+            ray_results.append(row)
         ray.shutdown()
     for row in plain + ray_results:
         row["gflops"] = row["stock_days_per_s"] * flops / 1e9
@@ -380,8 +391,19 @@ def ray_overhead(plain: list, ray_results: list) -> list:
                          "ab_twin": r["ab_twin"],
                          "plain_stock_days_per_s": match[0]["stock_days_per_s"],
                          "ray_stock_days_per_s": r["stock_days_per_s"],
-                         "overhead_fraction": 1.0 - r["stock_days_per_s"] / match[0]["stock_days_per_s"]})
+                         "overhead_fraction": 1.0 - r["stock_days_per_s"] / match[0]["stock_days_per_s"],
+                         **_adjacent_overhead(r)})
     return rows
+
+
+def _adjacent_overhead(ray_row: dict) -> dict:
+    """1 - Ray / the mean of the plain runs right before and after it (same setting)."""
+    adjacent = ray_row.get("adjacent_plain_stock_days_per_s")
+    if not adjacent:
+        return {}
+    mean = float(np.mean(adjacent))
+    return {"adjacent_plain_stock_days_per_s": mean,
+            "overhead_vs_adjacent_fraction": 1.0 - ray_row["stock_days_per_s"] / mean}
 
 
 def print_table(plain: list, ray_results: list, overhead: list) -> None:
@@ -392,8 +414,10 @@ def print_table(plain: list, ray_results: list, overhead: list) -> None:
         print(f"{label:50s} {row['stock_days_per_s']:13,.0f} {row['stock_days_per_s_per_core']:9,.0f} "
               f"{100 * row['data_wait_fraction']:8.1f}% {row['gflops']:8.1f} {100 * row['fraction_of_matmul_ceiling']:7.1f}%")
     for row in overhead:
+        adjacent = row.get("overhead_vs_adjacent_fraction")
         print(f"Ray overhead, {row['cores']} core(s) {row['precision']} D={row['batch_days']}{_variant_label(row)}: "
-              f"{100 * row['overhead_fraction']:.1f}%")
+              f"{100 * row['overhead_fraction']:.1f}% against the plain rows above"
+              + (f", {100 * adjacent:.1f}% against the plain runs beside it" if adjacent is not None else ""))
 
 
 def _variant_label(row: dict) -> str:
