@@ -127,7 +127,6 @@ class SharedMemoryAllReduce:
         done.set_result(grads)
         return done
 
-
     def send_flag(self, have: bool) -> int:
         """Publish this rank's flag for the next lockstep call; returns the call number for
         all_have. Never blocks: peers read it whenever they get there."""
