@@ -402,7 +402,7 @@ def _adjacent_overhead(ray_row: dict) -> dict:
     if not adjacent:
         return {}
     mean = float(np.mean(adjacent))
-    return {"adjacent_plain_stock_days_per_s": mean,
+    return {"adjacent_plain_mean_stock_days_per_s": mean,
             "overhead_vs_adjacent_fraction": 1.0 - ray_row["stock_days_per_s"] / mean}
 
 
