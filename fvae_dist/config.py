@@ -138,10 +138,11 @@ class TrainConfig:
     """Intra-op threads per worker; 0 = max(1, floor(ray.cpus_per_worker))."""
 
     allreduce: str = "auto"
-    """How DDP averages the gradients of CPU workers: "auto" through shared memory when all
-    workers share one machine (train/shm_allreduce.py; 2 workers on 2 cores: 14.4 instead of
-    17-19 ms per one-day step), else through the process group; "process_group": always gloo.
-    GPU workers and DeepSpeed always use their own collectives."""
+    """How DDP averages the gradients of CPU workers, and how the workers agree each step that
+    all still have a batch: "auto" through shared memory when all workers share one machine
+    (train/shm_allreduce.py; 2 workers on 2 cores: 14.4 instead of 17-19 ms per one-day step),
+    else through the process group; "process_group": always gloo. GPU workers and DeepSpeed
+    always use their own collectives."""
 
     audit_days: bool = False
     """Write <run>/audit/epoch-E-rank-R.json with the dates each worker trained on (a test and
