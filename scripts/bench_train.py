@@ -13,6 +13,8 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
     through shared memory), each right beside a repeat of its shared-memory twin
   * eq. 4's GRU alone (forward + backward at S=300, fp32 and bf16): torch.nn.GRU against the
     models' FusedGRU, the share of the step that the GRU bounds
+  * FactorVAE's loss after eq. 4 alone (eqs. 5-17, forward + backward at N=300, fp32): the
+    reference modules against the fused native pass (models/fused_head.py)
   * the 1-thread plain loop beside a busy neighbour process on the other core (compute-bound,
     then memory-bound): how much of Ray's overhead is shared cache and memory bandwidth
   * Ray's overhead against the plain loop at the same core count (the plain rows' best of three,
@@ -68,6 +70,7 @@ def main() -> None:
     print(f"matmul 2048^2 fp32 ceiling: {ceiling}")
 
     gru = gru_kernels(repeats=2 if args.quick else 3)
+    head = head_kernel(repeats=2 if args.quick else 3)
 
     plain_variants = [(p, d, t) for t in sorted({1, cores}) for p in ("fp32", "bf16") for d in (1, 4)]
     if args.quick:
@@ -129,6 +132,7 @@ def main() -> None:
         "matmul_ceiling_gflops": ceiling,
         "target_stock_days_per_s_per_core": TARGET_PER_CORE,
         "gru_forward_backward": gru,
+        "head_forward_backward": head,
         "plain_loop": plain,
         "ray_train": ray_results,
         "ray_overhead_vs_plain": overhead,
@@ -195,7 +199,7 @@ def matmul_gflops(threads: int, size: int = 2048, repeats: int = 6) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# The GRU alone
+# The GRU alone, the loss after it alone
 # ----------------------------------------------------------------------------------------------
 
 def gru_kernels(repeats: int, stocks: int = 300, steps: int = 20, hidden: int = 64) -> list:
@@ -227,6 +231,39 @@ def gru_kernels(repeats: int, stocks: int = 300, steps: int = 20, hidden: int = 
                      "stock_days_per_s": stocks / seconds})
         print(f"gru    {name:5s} {precision}: {1e3 * seconds:.2f} ms fwd+bwd for {stocks} stocks "
               f"({stocks / seconds:,.0f} stock-days/s for the GRU alone)")
+    return rows
+
+
+def head_kernel(repeats: int, stocks: int = 300) -> list:
+    """Forward + backward of FactorVAE's loss after eq. 4 (eqs. 5-17) alone on one day's stocks,
+    one thread: the reference modules (FactorVAE._loss) against the fused native pass
+    (models/fused_head.py), same weights and batch, attempts interleaved."""
+    from fvae_dist.models.factorvae import ATTENTION_EPS, build_model
+    from fvae_dist.models.fused_head import fused_loss, fused_loss_applies
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(model_config().model).train()
+    e = torch.randn(1, stocks, model.cfg.hidden_size, requires_grad=True)
+    mask = torch.ones(1, stocks, dtype=torch.bool)
+    y = 0.02 * torch.randn(1, stocks)
+    paths = {"reference": lambda: model._loss(e, mask, y)}
+    if fused_loss_applies(model, e):
+        paths["fused"] = lambda: fused_loss(model, e, mask, y, ATTENTION_EPS)
+    best = dict.fromkeys(paths, float("inf"))
+    for _ in range(repeats):  # best of: the machine may be shared
+        for name, loss in paths.items():
+            for timed in (False, True):
+                started = time.perf_counter()
+                for _ in range(50):
+                    model.zero_grad(set_to_none=True)
+                    loss()["loss"].backward()
+                if timed:
+                    best[name] = min(best[name], (time.perf_counter() - started) / 50)
+    rows = []
+    for name, seconds in best.items():
+        rows.append({"implementation": name, "stocks": stocks, "ms": 1e3 * seconds})
+        print(f"head   {name:9s}: {1e3 * seconds:.2f} ms fwd+bwd of eqs. 5-17 for {stocks} stocks")
     return rows
 
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from fvae_dist.errors import ConfigError, DataError
 from fvae_dist.models.fused_gru import FusedGRU
+from fvae_dist.models.fused_head import fused_loss, fused_loss_applies
 from fvae_dist.models.row_buckets import zero_rows_to_bucket
 
 VARIANTS = ("factorvae", "prior", "port")
@@ -420,9 +421,14 @@ class FactorVAE(nn.Module):
         y = torch.where(mask, y, torch.zeros_like(y)).float()         # (D, N) padding may hold NaN
         e = self.feature_extractor(x, mask)                            # (D, N, H)  eq. 4
         with self.head_precision(e) as e:
+            if fused_loss_applies(self, e):
+                # the same loss and gradients as _loss below in one native pass on CPU, about
+                # 0.7 ms faster a step (models/fused_head.py; checked against _loss in the tests)
+                return fused_loss(self, e, mask, y, ATTENTION_EPS)
             return self._loss(e, mask, y)
 
     def _loss(self, e: Tensor, mask: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Eqs. 5-17 on the feature extractor's e: the reference for models/fused_head.py."""
         mu_prior, sigma_prior = self.predictor(e, mask)                # (D, K)     eqs. 13-16
         out = {"mu_prior": mu_prior.detach(), "sigma_prior": sigma_prior.detach()}
 

@@ -1,6 +1,8 @@
 """Compile the native helpers on first use and load them with ctypes.
 
     load_gru_kernels() -> ctypes.CDLL | None     gru_cell.cpp: the fused GRU's step kernels
+    load_head_kernels() -> ctypes.CDLL | None    factor_head.cpp: FactorVAE's loss (eqs. 5-17) and
+                                                 its gradient in one pass (models/fused_head.py)
     load_shm_sync()    -> ctypes.CDLL | None     shm_sync.cpp: the cross-process counters of the
                                                  shared-memory all-reduce and step flags
                                                  (train/shm_allreduce.py)
@@ -8,14 +10,17 @@ Each returns None (with one warning) when unavailable.
 
 The library is built with the machine's C++ compiler (g++ or $CXX) for the machine's own CPU
 (-march=native) and cached under $FVAE_DIST_NATIVE_CACHE, else ~/.cache/fvae-dist/native. The
-cache key covers the source, the compiler, the flags and the CPU's feature flags, so a cache
-directory shared between different machines never hands one a library built for another.
+cache key covers the source, the shared headers (*.h here), the compiler, the flags and the
+CPU's feature flags, so a cache directory shared between different machines never hands one a
+library built for another.
 Several processes (Ray workers) may build at once: each writes its own temporary file and
 renames it into place, so a reader never sees a half-written library.
 
 No compiler, a failed build or FVAE_DIST_FUSED_GRU=0 all mean the same thing to callers: the
-kernels are unavailable and the models use torch.nn.GRU (same function, slower); without
-shm_sync, DDP averages gradients through its process group (gloo), as torch does by default.
+kernels are unavailable and the models use torch.nn.GRU (same function, slower); likewise
+FVAE_DIST_FUSED_HEAD=0 (or no kernels) means FactorVAE's loss runs through the reference
+modules of models/factorvae.py; without shm_sync, DDP averages gradients through its process
+group (gloo), as torch does by default.
 """
 from __future__ import annotations
 
@@ -32,8 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+# -fopenmp-simd: honour "#pragma omp simd reduction" (vectorised dot products) without OpenMP's
+# threads or runtime library
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd")
 DISABLE_ENV = "FVAE_DIST_FUSED_GRU"
+DISABLE_HEAD_ENV = "FVAE_DIST_FUSED_HEAD"
 CACHE_ENV = "FVAE_DIST_NATIVE_CACHE"
 
 
@@ -52,9 +60,20 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 
 def load_gru_kernels() -> ctypes.CDLL | None:
     """The compiled GRU kernels, or None when they are disabled or cannot be built here."""
-    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _disabled(DISABLE_ENV):
         return None
     return _load("gru")
+
+
+def load_head_kernels() -> ctypes.CDLL | None:
+    """The compiled FactorVAE loss kernel, or None when it is disabled or cannot be built here."""
+    if _disabled(DISABLE_HEAD_ENV):
+        return None
+    return _load("head")
+
+
+def _disabled(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def load_shm_sync() -> ctypes.CDLL | None:
@@ -113,6 +132,8 @@ def _cache_dir() -> Path:
 def _cache_key(compiler: str, source: Path) -> str:
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):  # what the sources may #include
+        digest.update(header.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest.update(version.encode())
@@ -143,6 +164,13 @@ def _declare_gru(lib: ctypes.CDLL) -> None:
         backward.restype = None
 
 
+def _declare_head(lib: ctypes.CDLL) -> None:
+    long, ptr, single = ctypes.c_long, ctypes.c_void_p, ctypes.c_float
+    lib.fvae_head_loss_and_grad.argtypes = [long, long, long, long, long, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                            single, single, single, single, ptr, ptr, ptr]
+    lib.fvae_head_loss_and_grad.restype = None
+
+
 def _declare_shm(lib: ctypes.CDLL) -> None:
     lib.fvae_shm_publish.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.fvae_shm_publish.restype = None
@@ -161,6 +189,8 @@ def _unavailable(spec: NativeLibrary, reason: str) -> None:
 LIBRARIES = {
     "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 3, _declare_gru,
                          "using torch.nn.GRU"),
+    "head": NativeLibrary(Path(__file__).with_name("factor_head.cpp"), "fvae_head_abi_version", 1, _declare_head,
+                          "computing FactorVAE's loss with the reference modules"),
     "shm": NativeLibrary(Path(__file__).with_name("shm_sync.cpp"), "fvae_shm_abi_version", 2, _declare_shm,
                          "averaging gradients through the process group"),
 }

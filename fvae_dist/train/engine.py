@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 from torch import nn
@@ -42,6 +43,25 @@ def lr_factor(train, epoch: int) -> float:
     if train.lr_schedule == "step":
         return train.lr_step_gamma ** (after // train.lr_step_epochs)
     return 1.0
+
+
+def clip_grad_norm(parameters, max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_, without its multiply when it would scale by 1.
+
+    torch always multiplies (by min(1, max_norm / (norm + 1e-6))) so that a GPU never waits for
+    the norm; on CPU reading it costs nothing, and skipping that pass over every gradient saves
+    0.1 ms of FactorVAE's 13 ms CPU training step. On CUDA it calls torch's own."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    if not grads:
+        return
+    if grads[0].device.type != "cpu":
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return
+    total_norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    norm = float(total_norm)
+    if not math.isfinite(norm) or max_norm / (norm + 1e-6) < 1.0:     # torch's clip coefficient
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
 
 
 def build_engine(model: nn.Module, cfg: ExperimentConfig, device: torch.device, world_size: int):
@@ -96,7 +116,7 @@ class DDPEngine:
         self.scaler.scale(out["loss"]).backward()
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            clip_grad_norm(self.module.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return out
