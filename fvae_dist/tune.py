@@ -525,7 +525,7 @@ def run_trial(params: dict, *, base: dict, experiment_dir: str, metric: str, mod
 
     Runs in the trial's actor. The Train run's reports reach Tune through TrialReportCallback;
     there is nothing to return. A Train run that fails fails the trial."""
-    from fvae_dist.train.trainer import build_trainer
+    from fvae_dist.train.trainer import build_trainer, prune_unregistered_checkpoints
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(config_from_dict(base, source="campaign base"), params, experiment_dir, trial_id)
@@ -533,11 +533,12 @@ def run_trial(params: dict, *, base: dict, experiment_dir: str, metric: str, mod
     trainer = build_trainer(cfg, callbacks=[TrialReportCallback(run_dir, metric, mode)])
     (run_dir / DECISION_FILE).unlink(missing_ok=True)  # a verdict from an earlier attempt is stale
     try:
-        trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         if not _caused_by(exc, TrialStopped):
             raise
-        # ASHA stopped the trial through TrialReportCallback; its run shut down cleanly
+        return  # ASHA stopped the trial through TrialReportCallback; its run shut down cleanly
+    prune_unregistered_checkpoints(result, cfg)
 
 
 def _trainable(spec: CampaignSpec):

@@ -13,9 +13,12 @@ stored (the config as a nested dict, numpy's RNG key as an int64 tensor).
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -160,8 +163,9 @@ def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | 
     crash at the first step after a sub-second epoch's report) leaves a complete checkpoint that
     Ray's restart does not know about, and the restarted workers would train that epoch again.
     Complete means state.pt loads and every rank's file is there; a directory cut short by the
-    crash is passed over. (Ray's keep_checkpoints pruning never learns of such a checkpoint, so
-    it stays in the folder.) A registered checkpoint named otherwise than ours is trusted as is.
+    crash is passed over. (Ray's keep_checkpoints pruning never learns of such a checkpoint:
+    prune_unregistered deletes it at the end of the run unless it is one to keep.) A registered
+    checkpoint named otherwise than ours is trusted as is.
     `load_state` reads state.pt: the loader the resume itself uses (DeepSpeed's optimizer state
     needs its classes allowed), so that whatever this accepts, the resume can read."""
     registered_epoch = _epoch_or_none(registered) if registered is not None else -1
@@ -176,6 +180,46 @@ def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | 
         if _is_complete(path, load_state):
             return path
     return None
+
+
+def prune_unregistered(run_dir: str | Path, registered: Iterable[str | Path], keep: int,
+                       history: list[dict]) -> list[Path]:
+    """Delete the checkpoints Ray Train never registered that train.keep_checkpoints would have
+    pruned; returns what was deleted.
+
+    Such a checkpoint (see unregistered_newer_checkpoint) is deleted only when the run has a
+    newer registered one to resume from and its score (the epoch's checkpoint_score in
+    metrics.json's history: validation Rank IC, as Ray ranks them) is below the `keep` best among
+    the registered ones and itself. So the best epoch's checkpoint, which predict reads, always
+    stays, as does one whose score is unknown. Registered checkpoints are Ray's to prune: its
+    checkpoint list in the run folder names them. Each deletion renames the directory out of
+    the checkpoint namespace first, so a crash mid-way leaves no half-deleted checkpoint."""
+    registered_names = {Path(path).name for path in registered}
+    registered_epochs = [e for e in map(_epoch_or_none, registered_names) if e is not None]
+    if not registered_epochs:
+        return []
+    scores = {int(h["epoch"]): h.get("checkpoint_score") for h in history if "epoch" in h}
+    registered_scores = [_score(scores, e) for e in registered_epochs]
+    registered_scores = [s for s in registered_scores if s is not None]
+    deleted = []
+    for path in list_checkpoints(run_dir):
+        epoch = _epoch_or_none(path)
+        if path.name in registered_names or epoch is None or epoch >= max(registered_epochs):
+            continue
+        score = _score(scores, epoch)
+        better = sum(other > score for other in registered_scores) if score is not None else 0
+        if score is None or better < keep:
+            continue
+        doomed = path.with_name(f".{path.name}.pruning-{os.getpid()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+        deleted.append(path)
+    return deleted
+
+
+def _score(scores: dict, epoch: int) -> float | None:
+    score = scores.get(epoch)
+    return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None
 
 
 def _epoch_or_none(path: str | Path) -> int | None:

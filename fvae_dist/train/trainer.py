@@ -57,7 +57,23 @@ def train(cfg: ExperimentConfig, *, callbacks: Sequence = (), model_builder: Cal
     run_dir = run_dir_of(cfg)
     metrics_path = run_dir / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    prune_unregistered_checkpoints(result, cfg)
     return TrainingOutcome(run_dir=run_dir, metrics=metrics, result=result)
+
+
+def prune_unregistered_checkpoints(result: ray.train.Result, cfg: ExperimentConfig) -> None:
+    """train.keep_checkpoints for the checkpoints a crash kept Ray from registering (see
+    checkpoint.prune_unregistered), after fit(): Ray's own pruning only knows the ones it
+    registered."""
+    run_dir = run_dir_of(cfg)
+    metrics_path = run_dir / METRICS_FILE
+    history = json.loads(metrics_path.read_text()).get("history", []) if metrics_path.is_file() else []
+    registered = [checkpoint.path for checkpoint, _ in result.best_checkpoints or []]
+    if result.checkpoint is not None:
+        registered.append(result.checkpoint.path)
+    for path in ckpt.prune_unregistered(run_dir, registered, cfg.train.keep_checkpoints, history):
+        print(f"deleted {path.name}: written before a crash, never registered by Ray Train, and not among the "
+              f"{cfg.train.keep_checkpoints} best (train.keep_checkpoints)")
 
 
 def build_trainer(

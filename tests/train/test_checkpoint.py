@@ -128,3 +128,37 @@ def test_the_newer_checkpoint_is_read_with_the_resumes_loader(tmp_path):
     assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered) is None  # plain loader refuses it
     assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered,
                                               load_state=_load_checkpoint_file) == newer
+
+
+def _history(scores: dict[int, float | None]) -> list[dict]:
+    return [{"epoch": epoch, "checkpoint_score": score} for epoch, score in scores.items()]
+
+
+def test_an_unregistered_checkpoint_is_pruned_when_keep_checkpoints_would_have(tmp_path):
+    # epoch 1 was written, the worker died before Ray registered it, the run resumed from it;
+    # Ray kept epochs 2 and 4 (keep_checkpoints=2, ranked by score)
+    orphan = _write_checkpoint(tmp_path, 1)
+    kept = [_write_checkpoint(tmp_path, 2), _write_checkpoint(tmp_path, 4)]
+    history = _history({0: 0.01, 1: 0.02, 2: 0.05, 3: 0.03, 4: 0.04})
+    assert ckpt.prune_unregistered(tmp_path, kept, keep=2, history=history) == [orphan]
+    assert ckpt.list_checkpoints(tmp_path) == kept
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing half-deleted left
+    assert ckpt.prune_unregistered(tmp_path, kept, keep=2, history=history) == []
+
+
+@pytest.mark.parametrize("orphan_score, keep", [(0.045, 2), (0.04, 2), (0.02, 3), (None, 2), (float("nan"), 2)])
+def test_an_unregistered_checkpoint_among_the_best_or_unscored_is_kept(tmp_path, orphan_score, keep):
+    orphan = _write_checkpoint(tmp_path, 1)
+    kept = [_write_checkpoint(tmp_path, 2), _write_checkpoint(tmp_path, 4)]
+    history = _history({1: orphan_score, 2: 0.05, 4: 0.04})
+    assert ckpt.prune_unregistered(tmp_path, kept, keep=keep, history=history) == []
+    assert orphan in ckpt.list_checkpoints(tmp_path)
+
+
+def test_the_newest_checkpoint_is_never_pruned_and_nothing_without_registered_ones(tmp_path):
+    kept = [_write_checkpoint(tmp_path, 2)]
+    newest = _write_checkpoint(tmp_path, 3)            # newer than anything Ray registered: a resume point
+    history = _history({2: 0.05, 3: -0.5})
+    assert ckpt.prune_unregistered(tmp_path, kept, keep=1, history=history) == []
+    assert ckpt.prune_unregistered(tmp_path, [], keep=1, history=history) == []
+    assert ckpt.list_checkpoints(tmp_path) == kept + [newest]
