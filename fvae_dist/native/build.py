@@ -3,6 +3,8 @@
     load_gru_kernels() -> ctypes.CDLL | None     gru_cell.cpp: the fused GRU's step kernels
     load_head_kernels() -> ctypes.CDLL | None    factor_head.cpp: FactorVAE's loss (eqs. 5-17) and
                                                  its gradient in one pass (models/fused_head.py)
+    load_optim_kernels() -> ctypes.CDLL | None   adamw.cpp: AdamW's step and the gradient norm over all
+                                                 tensors in one call each (train/optim_step.py)
     load_shm_sync()    -> ctypes.CDLL | None     shm_sync.cpp: the cross-process counters of the
                                                  shared-memory all-reduce and step flags
                                                  (train/shm_allreduce.py)
@@ -19,7 +21,8 @@ renames it into place, so a reader never sees a half-written library.
 No compiler, a failed build or FVAE_DIST_FUSED_GRU=0 all mean the same thing to callers: the
 kernels are unavailable and the models use torch.nn.GRU (same function, slower); likewise
 FVAE_DIST_FUSED_HEAD=0 (or no kernels) means FactorVAE's loss runs through the reference
-modules of models/factorvae.py; without shm_sync, DDP averages gradients through its process
+modules of models/factorvae.py, and FVAE_DIST_NATIVE_OPTIM=0 that torch's AdamW and
+clip_grad_norm_ step the weights; without shm_sync, DDP averages gradients through its process
 group (gloo), as torch does by default.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Callable
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd")
 DISABLE_ENV = "FVAE_DIST_FUSED_GRU"
 DISABLE_HEAD_ENV = "FVAE_DIST_FUSED_HEAD"
+DISABLE_OPTIM_ENV = "FVAE_DIST_NATIVE_OPTIM"
 CACHE_ENV = "FVAE_DIST_NATIVE_CACHE"
 
 
@@ -70,6 +74,13 @@ def load_head_kernels() -> ctypes.CDLL | None:
     if _disabled(DISABLE_HEAD_ENV):
         return None
     return _load("head")
+
+
+def load_optim_kernels() -> ctypes.CDLL | None:
+    """The compiled AdamW step and gradient norm, or None when disabled or unavailable here."""
+    if _disabled(DISABLE_OPTIM_ENV):
+        return None
+    return _load("optim")
 
 
 def _disabled(variable: str) -> bool:
@@ -171,6 +182,14 @@ def _declare_head(lib: ctypes.CDLL) -> None:
     lib.fvae_head_loss_and_grad.restype = None
 
 
+def _declare_optim(lib: ctypes.CDLL) -> None:
+    long, ptr, double = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
+    lib.fvae_sum_of_squares.argtypes = [long, ptr, ptr]
+    lib.fvae_sum_of_squares.restype = double
+    lib.fvae_adamw_step.argtypes = [long, ptr, ptr, ptr, ptr, ptr, ptr, double, double, double, double, double, double]
+    lib.fvae_adamw_step.restype = None
+
+
 def _declare_shm(lib: ctypes.CDLL) -> None:
     lib.fvae_shm_publish.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.fvae_shm_publish.restype = None
@@ -191,6 +210,8 @@ LIBRARIES = {
                          "using torch.nn.GRU"),
     "head": NativeLibrary(Path(__file__).with_name("factor_head.cpp"), "fvae_head_abi_version", 1, _declare_head,
                           "computing FactorVAE's loss with the reference modules"),
+    "optim": NativeLibrary(Path(__file__).with_name("adamw.cpp"), "fvae_optim_abi_version", 1, _declare_optim,
+                           "stepping with torch's AdamW and clip_grad_norm_"),
     "shm": NativeLibrary(Path(__file__).with_name("shm_sync.cpp"), "fvae_shm_abi_version", 2, _declare_shm,
                          "averaging gradients through the process group"),
 }

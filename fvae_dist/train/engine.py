@@ -22,6 +22,8 @@ from torch import nn
 
 from fvae_dist.config import ExperimentConfig
 from fvae_dist.errors import ConfigError
+from fvae_dist.native.build import load_optim_kernels
+from fvae_dist.train.optim_step import NativeAdamW
 from fvae_dist.train.shm_allreduce import SharedMemoryAllReduce
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,6 +104,9 @@ class DDPEngine:
                                            fused=device.type in ("cpu", "cuda"))
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
         self.grad_clip = train.grad_clip
+        # clipping and AdamW's update in two native passes on CPU (train/optim_step.py)
+        lib = load_optim_kernels() if device.type == "cpu" and not self.scaler.is_enabled() else None
+        self.native_step = NativeAdamW(self.optimizer, lib) if lib is not None else None
         self.autocast = functools.partial(
             torch.autocast,
             device_type=device.type,
@@ -114,6 +119,8 @@ class DDPEngine:
         with self.autocast():
             out = self.wrapped(x, mask, y)
         self.scaler.scale(out["loss"]).backward()
+        if self.native_step is not None and self.native_step.step(self.grad_clip):
+            return out
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             clip_grad_norm(self.module.parameters(), self.grad_clip)
