@@ -30,6 +30,7 @@ from fvae_dist.data.shards import load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_dataset, epoch_seed, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, FvaeError
 from fvae_dist.train import checkpoint as ckpt
+from fvae_dist.train import ray_logging
 from fvae_dist.train.cpu_memory import WORKER_ENV_VARS
 from fvae_dist.train.loop import METRICS_FILE, train_loop_per_worker
 
@@ -185,7 +186,8 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
         ray.init(address=cfg.ray.address or None, log_to_driver=True)
         return
     num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": ray_logging.WORKER_SETUP_HOOK})
 
 
 def check_cluster_fits(cfg: ExperimentConfig) -> None:
