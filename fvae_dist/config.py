@@ -195,6 +195,13 @@ class RayConfig:
     num_cpus: int = 0
     """CPUs a local Ray instance may use; 0 = all CPUs of this machine. Ignored with address."""
 
+    pin_cores: bool = True
+    """When `fvae-dist train` starts a local Ray instance and every worker's threads can have
+    cores of their own with at least one core left over: pin each worker's training thread to
+    its cores and start Ray's other processes (raylet, Ray Data, feeders) on the rest, so they
+    stop preempting the step (train/core_layout.py). Otherwise nothing is pinned (e.g. the
+    default 2 workers on 2 cores, a joined cluster, GPU workers)."""
+
     max_failures: int = 0
     """Times Ray Train restarts the worker group after a worker failure (resuming from the
     latest checkpoint) before the run fails."""

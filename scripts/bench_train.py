@@ -98,14 +98,19 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             ray_variants += [dict(workers=2, precision=precision, batch_days=1, allreduce=allreduce, ab_twin=True)
                              for allreduce in ("process_group", "auto")]
+        # 1 worker, one day per step, with its training thread pinned to a core of its own and
+        # Ray's other processes on the rest (ray.pin_cores, the default where it fits) against
+        # neither, pairs back to back: each kind of run needs its own local cluster
+        for precision, pairs in (("fp32", 2), ("bf16", 1)):
+            ray_variants += [dict(workers=1, precision=precision, batch_days=1, pin=pin, pin_twin=True)
+                             for _ in range(pairs) for pin in (False, True)]
         if args.quick:
             ray_variants = [dict(workers=1, precision="fp32", batch_days=1),
                             dict(workers=2, precision="fp32", batch_days=1),
                             dict(workers=2, precision="bf16", batch_days=1)]
-        import ray
-
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        cluster = None
         for variant in ray_variants:
+            cluster = start_cluster_for(variant, cores, running=cluster)
             # The plain loop of the same setting right before and right after the run: Ray's
             # overhead is also stated against these, as the machine drifts by 10% or more between
             # the plain rows above and a Ray run a quarter of an hour later.
@@ -116,7 +121,7 @@ def main() -> None:
             after = plain_loop(days, **twin)
             row["adjacent_plain_stock_days_per_s"] = [before["stock_days_per_s"], after["stock_days_per_s"]]
             ray_results.append(row)
-        ray.shutdown()
+        stop_cluster()
     for row in plain + ray_results:
         row["gflops"] = row["stock_days_per_s"] * flops / 1e9
         row["fraction_of_matmul_ceiling"] = row["gflops"] / (ceiling["1_thread"] * row["cores"])
@@ -316,32 +321,70 @@ def plain_loop(days: list, *, precision: str, batch_days: int, threads: int, max
 # Ray Train: the product's train() with a fresh run folder
 # ----------------------------------------------------------------------------------------------
 
+def cpus_per_worker_for(workers: int, cores: int) -> float:
+    # On `cores` CPUs the workers together may hold cores - 1, leaving one to Ray Data.
+    return max(min(1.0, (cores - 1) / workers), 0.25)
+
+
+def ray_cluster_config(workers: int, cores: int, extra: tuple = ()):
+    return model_config("fp32", 1, ("train.torch_threads=1", f"ray.num_workers={workers}",
+                                    f"ray.cpus_per_worker={cpus_per_worker_for(workers, cores)}", *extra))
+
+
+def start_cluster_for(variant: dict, cores: int, running: str | None) -> str:
+    """The local cluster `fvae-dist train` would start for this run: with the cores laid out
+    (training thread pinned, Ray's other processes on the rest: train/core_layout.py) where that
+    fits and the variant does not turn it off, else a plain one. Restarts Ray only when the kind
+    changes; returns the kind now running."""
+    from fvae_dist.train.trainer import ensure_ray, planned_core_layout
+
+    pin = variant.get("pin", True)
+    cfg = ray_cluster_config(variant["workers"], cores, (f"ray.pin_cores={str(pin).lower()}",))
+    kind = "pinned" if pin and planned_core_layout(cfg) is not None else "plain"
+    if kind != running:
+        stop_cluster()
+        ensure_ray(cfg, for_one_run=kind == "pinned")
+    return kind
+
+
+def stop_cluster() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def ray_run(dataset: Path, *, workers: int, precision: str, batch_days: int, cores: int, epochs: int,
-            feeder: bool = True, allreduce: str = "auto", ab_twin: bool = False) -> dict:
-    """One train() run; ab_twin marks the back-to-back gloo / shared-memory pairs."""
+            feeder: bool = True, allreduce: str = "auto", ab_twin: bool = False, pin: bool = True,
+            pin_twin: bool = False) -> dict:
+    """One train() run; ab_twin marks the back-to-back gloo / shared-memory pairs, pin_twin the
+    pinned / unpinned ones."""
     from fvae_dist.train.trainer import train
 
     name = (f"ray-w{workers}-{precision}-d{batch_days}" + ("" if feeder else "-nofeeder")
-            + (f"-ab-{allreduce}" if ab_twin else ""))
+            + (f"-ab-{allreduce}" if ab_twin else "") + (f"-pin-{str(pin).lower()}" if pin_twin else ""))
     storage = WORK / "runs"
     shutil.rmtree(storage / name, ignore_errors=True)
-    # On `cores` CPUs the workers together may hold cores - 1, leaving one to Ray Data.
-    cpus_per_worker = max(min(1.0, (cores - 1) / workers), 0.25)
+    cpus_per_worker = cpus_per_worker_for(workers, cores)
     cfg = model_config(precision, batch_days, (
         f"data.dataset_dir={dataset}", f"train.epochs={epochs}", "train.early_stopping_patience=0",
         "train.keep_checkpoints=1", "train.torch_threads=1", f"ray.num_workers={workers}",
         f"ray.cpus_per_worker={cpus_per_worker}", f"ray.storage_path={storage}", f"ray.run_name={name}",
-        f"data.feeder={str(feeder).lower()}", f"train.allreduce={allreduce}",
+        f"data.feeder={str(feeder).lower()}", f"train.allreduce={allreduce}", f"ray.pin_cores={str(pin).lower()}",
     ))
     started = time.perf_counter()
     metrics = train(cfg).metrics
     wall = time.perf_counter() - started
+    training_cpus = metrics["history"][-1].get("perf_training_cpus") or ""
     steady = metrics["history"][1:] or metrics["history"]  # epoch 0 includes start-up of the input pipeline
     epoch_seconds = sum(h["perf_epoch_seconds"] for h in metrics["history"])
     row = {
         "kind": "ray", "workers": workers, "precision": precision, "batch_days": batch_days, "feeder": feeder,
         "allreduce": metrics["history"][-1].get("perf_allreduce"),
-        "ab_twin": ab_twin,
+        "ab_twin": ab_twin, "pin_twin": pin_twin,
+        "training_cpus": training_cpus,  # rank 0's training thread
+        "pinned": bool(training_cpus) and len(training_cpus.split(",")) < (os.cpu_count() or 1),
+        "preemptions_per_step": float(np.mean([h.get("perf_preemptions_per_step", float("nan")) for h in steady])),
         "cores": min(workers, cores), "threads_per_worker": 1, "cpus_per_worker": cpus_per_worker,
         "epochs": epochs,
         "stock_days_per_s": float(np.mean([h["perf_stock_days_per_s"] for h in steady])),
@@ -425,7 +468,7 @@ def ray_overhead(plain: list, ray_results: list) -> list:
         if match:
             rows.append({"workers": r["workers"], "cores": r["cores"], "precision": r["precision"],
                          "batch_days": r["batch_days"], "feeder": r["feeder"], "allreduce": r["allreduce"],
-                         "ab_twin": r["ab_twin"],
+                         "ab_twin": r["ab_twin"], "pin_twin": r["pin_twin"], "pinned": r["pinned"],
                          "plain_stock_days_per_s": match[0]["stock_days_per_s"],
                          "ray_stock_days_per_s": r["stock_days_per_s"],
                          "overhead_fraction": 1.0 - r["stock_days_per_s"] / match[0]["stock_days_per_s"],
@@ -458,6 +501,8 @@ def _variant_label(row: dict) -> str:
     label = "" if row.get("feeder", True) else " no feeder"
     if row.get("ab_twin"):
         label += " gloo all-reduce" if row.get("allreduce") == "process_group" else " shm all-reduce"
+    if row.get("pin_twin"):
+        label += " pinned" if row.get("pinned") else " not pinned"
     return label
 
 

@@ -3,6 +3,7 @@
     keep_freed_memory() -> bool      call once per process, before training; True if applied
     WORKER_ENV_VARS                  environment of every Ray Train worker (trainer.py)
     minor_faults_this_thread() -> int   page faults of the calling thread so far (a diagnostic)
+    preemptions_this_thread() -> int    times the scheduler took the CPU from the calling thread
 
 A training step allocates and frees the same tensors every step, some of them megabytes large
 (activations of all T*S GRU rows). glibc serves blocks above its mmap threshold with fresh mmap'd
@@ -61,3 +62,11 @@ def minor_faults_this_thread() -> int:
     usage is unavailable)."""
     who = getattr(resource, "RUSAGE_THREAD", None)
     return resource.getrusage(who).ru_minflt if who is not None else 0
+
+
+def preemptions_this_thread() -> int:
+    """Involuntary context switches of the calling thread since it started: other threads or
+    processes took its CPU while it could have run (0 where per-thread usage is unavailable).
+    A diagnostic of neighbours on the training core (train/core_layout.py)."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return resource.getrusage(who).ru_nivcsw if who is not None else 0

@@ -17,6 +17,8 @@ loop_config (plain data, built by train/trainer.py):
     eval_splits     names of the evaluation datasets passed to the trainer ("valid", "test")
     model_builder   optional callable(ModelConfig) -> nn.Module (tests); by default
                     models/registry.build_model builds the model that model.name names
+    training_cores  per rank, the CPUs its training thread runs on; None: not pinned
+                    (train/core_layout.py)
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import tempfile
@@ -41,7 +44,8 @@ from fvae_dist.data.feeder import EpochStream, feeder_for
 from fvae_dist.data.stream import iter_day_batches
 from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
-from fvae_dist.train.cpu_memory import keep_freed_memory, minor_faults_this_thread
+from fvae_dist.train.core_layout import pin_training_thread
+from fvae_dist.train.cpu_memory import keep_freed_memory, minor_faults_this_thread, preemptions_this_thread
 from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
 from fvae_dist.train.tensorboard import RunEvents
 from fvae_dist.train.validation import evaluate, to_device
@@ -79,8 +83,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     quiet_ray_train_logs(cfg.ray.log_level)
+    # before torch starts its intra-op threads, which inherit this thread's CPUs
+    cores = loop_config.get("training_cores")
+    pin_training_thread(cores[rank] if cores else None)
 
-    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.ray.cpus_per_worker)))
+    torch.set_num_threads(intra_op_threads(cfg))
     keep_freed_memory()  # see train/cpu_memory.py: page faults of big per-step tensors
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -157,7 +164,7 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl (sums over steps)
     steps, stock_days, stepping = 0, 0, 0.0
     dates: list[str] = []
-    faults_before = minor_faults_this_thread()
+    faults_before, preemptions_before = minor_faults_this_thread(), preemptions_this_thread()
     start = time.perf_counter()
     lockstep = LockstepBatches(batches, world, device, flags=engine.step_flags)
     for batch in lockstep:
@@ -174,12 +181,15 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
     batches.close()
     elapsed = time.perf_counter() - start
     faults = minor_faults_this_thread() - faults_before
+    preemptions = preemptions_this_thread() - preemptions_before
     if cfg.train.audit_days:
         write_text_atomic(run_dir / "audit" / f"epoch-{epoch:04d}-rank-{rank}.json",
                           json.dumps({"epoch": epoch, "rank": rank, "steps": steps, "dates": dates}))
-    totals = torch.cat([sums.cpu(), torch.tensor([steps, stock_days, waited, stepping, elapsed, faults], dtype=torch.float64)])
+    totals = torch.cat([sums.cpu(), torch.tensor([steps, stock_days, waited, stepping, elapsed, faults, preemptions],
+                                                 dtype=torch.float64)])
     totals = _all_reduce_sum(totals, device)
-    loss, nll, kl, all_steps, all_stock_days, all_waited, all_stepping, all_elapsed, all_faults = totals.tolist()
+    (loss, nll, kl, all_steps, all_stock_days, all_waited, all_stepping, all_elapsed, all_faults,
+     all_preemptions) = totals.tolist()
     per_step = max(all_steps, 1.0)
     mean_elapsed = all_elapsed / world
     return {
@@ -195,7 +205,10 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
         # the training thread's page faults; hundreds or more per step mean the allocator
         # returns memory to the kernel between steps (train/cpu_memory.py)
         "minor_faults_per_step": all_faults / per_step,
+        # the training thread losing its CPU to other threads (train/core_layout.py)
+        "preemptions_per_step": all_preemptions / per_step,
         "allreduce": engine.allreduce,  # "shared_memory", "process_group", "deepspeed" or "none"
+        "training_cpus": _cpu_list_of_this_thread(),  # this rank's (rank 0's in the metrics)
     }
 
 
@@ -214,6 +227,8 @@ def epoch_metrics(epoch: int, lr: float, train: dict, valid: dict, score: float,
         perf_data_wait_fraction=train["data_wait_fraction"],
         perf_step_fraction=train["step_fraction"],
         perf_minor_faults_per_step=train["minor_faults_per_step"],
+        perf_preemptions_per_step=train["preemptions_per_step"],
+        perf_training_cpus=train["training_cpus"],
         perf_epoch_seconds=train["seconds"],
         perf_allreduce=train["allreduce"],
         checkpoint_score=score,
@@ -330,6 +345,11 @@ def write_metrics(run_dir: Path, state: TrainState, manifest_hash: str, final: d
 # Small helpers
 # ----------------------------------------------------------------------------------------------
 
+def intra_op_threads(cfg: ExperimentConfig) -> int:
+    """torch's intra-op threads per worker: train.torch_threads, else the worker's whole CPUs."""
+    return cfg.train.torch_threads or max(1, int(cfg.ray.cpus_per_worker))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -427,6 +447,11 @@ def _load_checkpoint_file(path: Path):
 def _cpu_copy(state_dict: dict) -> dict:
     return {key: value.detach().to("cpu", copy=True).float() if value.is_floating_point() else value.detach().cpu().clone()
             for key, value in state_dict.items()}
+
+
+def _cpu_list_of_this_thread() -> str:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return ",".join(str(cpu) for cpu in sorted(affinity(0))) if affinity is not None else ""
 
 
 def _split_role(split: str, cfg: ExperimentConfig) -> str:
