@@ -1,21 +1,24 @@
 """Training threads on cores of their own, Ray's other processes on the rest (local clusters only).
 
     layout = plan_core_layout(workers, threads_per_worker, available_cpus())   None if it does not fit
-    with new_processes_confined_to(layout.housekeeping): ray.init(...)        the raylet and all it starts
+    with new_processes_confined_to(layout.housekeeping, available_cpus()):
+        ray.init(...)                                                          the raylet and all it starts
     pin_training_thread(layout.training_cores(rank))                          in each worker, first thing
 
 Why: a local Ray node runs dozens of threads besides the training workers: the raylet and its
 object store I/O thread, the GCS, every actor's polling loop (the train controller, the Ray Data
 coordinators, the feeders, about ten idle helper actors, each waking about 100 times a second).
 Measured on 2 cores with 1 training worker (fp32, one day per step, 13 ms steps): the training
-thread was preempted 6.4 times per step, spent 0.9 ms of every step runnable but not running,
-and its own CPU time per step grew by 5% (caches refilled after each visitor). With the thread
-pinned to one core and everything else started on the other, the same run went from 18.5-19.8K to
-21.1K stock-days/s (step 13.1-13.7 ms -> 12.0 ms); see the README's benchmark section.
+thread lost its CPU 5-7 times per step, spent 0.9 ms of every step runnable but not running, and
+its own CPU time per step grew by 5% (caches refilled after each visit). With the thread pinned
+to one core and everything else started on the other, back-to-back pairs gave 19.7K -> 20.9K and
+18.2K -> 19.5K stock-days/s in fp32, 29.1K -> 37.6K in bf16 (3.8-3.9 preemptions per step). The
+price: start-up and Ray Data's reading of the validation and test splits get fewer cores, so a
+1-worker run on 2 cores has 3-7 s more fixed cost. See the README's benchmark section.
 
 Only when it fits: every worker's threads need a core of their own and at least one core must
 remain for everything else. With 2 workers on 2 cores there is no such core, and pinning each
-worker to one of them measured the same as not pinning (25.3-26.2K against 24.6-25.9K), so
+worker to one of them measured the same as not pinning (25.8K and 26.2K against 24.6-25.9K), so
 nothing is pinned then. A cluster that `ray.address` joins is never touched: its nodes are not
 this machine, and their CPUs are someone else's to lay out.
 
