@@ -3,7 +3,8 @@
     layout = plan_core_layout(workers, threads_per_worker, available_cpus())   None if it does not fit
     with new_processes_confined_to(layout.housekeeping, available_cpus()):
         ray.init(...)                                                          the raylet and all it starts
-    pin_training_thread(layout.training_cores(rank))                          in each worker, first thing
+    pin_training_thread(layout.training[rank])                                in each worker, first thing
+    cpu_list_text(available_cpus())                                           "0,1": where this thread runs
 
 Why: a local Ray node runs dozens of threads besides the training workers: the raylet and its
 object store I/O thread, the GCS, every actor's polling loop (the train controller, the Ray Data
@@ -47,16 +48,9 @@ class CoreLayout:
     housekeeping: tuple[int, ...]
     """CPUs of everything else on the node: raylet, GCS, Ray Data, feeders, helper actors."""
 
-    @property
-    def workers(self) -> int:
-        return len(self.training)
-
-    def training_cores(self, rank: int) -> tuple[int, ...]:
-        return self.training[rank]
-
     def describe(self) -> str:
-        cores = ", ".join(_cpu_list(cpus) for cpus in self.training)
-        return f"training threads on CPU {cores} (one entry per worker), Ray's other processes on CPU {_cpu_list(self.housekeeping)}"
+        cores = ", ".join(cpu_list_text(cpus) for cpus in self.training)
+        return f"training threads on CPU {cores} (one entry per worker), Ray's other processes on CPU {cpu_list_text(self.housekeeping)}"
 
 
 def affinity_supported() -> bool:
@@ -92,7 +86,7 @@ def new_processes_confined_to(cpus: Sequence[int], node_cpus: Sequence[int]) -> 
     changes (Linux sets it per thread), and it is restored on the way out."""
     before = os.sched_getaffinity(0)
     previous_env = os.environ.get(NODE_CPUS_ENV)
-    os.environ[NODE_CPUS_ENV] = _cpu_list(node_cpus)
+    os.environ[NODE_CPUS_ENV] = cpu_list_text(node_cpus)
     os.sched_setaffinity(0, set(cpus))
     try:
         yield
@@ -117,10 +111,11 @@ def pin_training_thread(cores: Sequence[int] | None) -> tuple[int, ...] | None:
             os.sched_setaffinity(0, set(target))
         except OSError:  # CPUs this process may not use (another cgroup): keep the inherited set
             pass
-    return tuple(sorted(os.sched_getaffinity(0)))
+    return available_cpus()
 
 
-def _cpu_list(cpus: Sequence[int]) -> str:
+def cpu_list_text(cpus: Sequence[int]) -> str:
+    """CPUs as text, ascending: "0,2,3" (environment variable, run metrics, messages)."""
     return ",".join(str(cpu) for cpu in sorted(cpus))
 
 

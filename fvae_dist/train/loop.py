@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from fvae_dist.data.feeder import EpochStream, feeder_for
 from fvae_dist.data.stream import iter_day_batches
 from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
-from fvae_dist.train.core_layout import pin_training_thread
+from fvae_dist.train.core_layout import available_cpus, cpu_list_text, pin_training_thread
 from fvae_dist.train.cpu_memory import keep_freed_memory, minor_faults_this_thread, preemptions_this_thread
 from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
 from fvae_dist.train.tensorboard import RunEvents
@@ -208,7 +207,7 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
         # the training thread losing its CPU to other threads (train/core_layout.py)
         "preemptions_per_step": all_preemptions / per_step,
         "allreduce": engine.allreduce,  # "shared_memory", "process_group", "deepspeed" or "none"
-        "training_cpus": _cpu_list_of_this_thread(),  # this rank's (rank 0's in the metrics)
+        "training_cpus": cpu_list_text(available_cpus()),  # this rank's (rank 0's in the metrics)
     }
 
 
@@ -447,11 +446,6 @@ def _load_checkpoint_file(path: Path):
 def _cpu_copy(state_dict: dict) -> dict:
     return {key: value.detach().to("cpu", copy=True).float() if value.is_floating_point() else value.detach().cpu().clone()
             for key, value in state_dict.items()}
-
-
-def _cpu_list_of_this_thread() -> str:
-    affinity = getattr(os, "sched_getaffinity", None)
-    return ",".join(str(cpu) for cpu in sorted(affinity(0))) if affinity is not None else ""
 
 
 def _split_role(split: str, cfg: ExperimentConfig) -> str:
