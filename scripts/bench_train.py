@@ -43,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fvae_dist.config import load_config, write_text_atomic  # noqa: E402
+from fvae_dist.config import DataConfig, load_config, write_text_atomic  # noqa: E402
 from fvae_dist.data.shards import collate_days, iter_shard_days, load_manifest, shard_entries  # noqa: E402
 from fvae_dist.train.cpu_memory import keep_freed_memory  # noqa: E402
 
@@ -104,6 +104,11 @@ def main() -> None:
         for precision, pairs in (("fp32", 2), ("bf16", 1)):
             ray_variants += [dict(workers=1, precision=precision, batch_days=1, pin=pin, pin_twin=True)
                              for _ in range(pairs) for pin in (False, True)]
+        # 2 workers, one day per step, with one day per Ray Data block (each worker asks Ray Data's
+        # split coordinator for every day) against the default data.days_per_block, back to back
+        for precision, pairs in (("fp32", 2), ("bf16", 1)):
+            ray_variants += [dict(workers=2, precision=precision, batch_days=1, days_per_block=g, block_twin=True)
+                             for _ in range(pairs) for g in (1, DataConfig.days_per_block)]
         if args.quick:
             ray_variants = [dict(workers=1, precision="fp32", batch_days=1),
                             dict(workers=2, precision="fp32", batch_days=1),
@@ -356,13 +361,15 @@ def stop_cluster() -> None:
 
 def ray_run(dataset: Path, *, workers: int, precision: str, batch_days: int, cores: int, epochs: int,
             feeder: bool = True, allreduce: str = "auto", ab_twin: bool = False, pin: bool = True,
-            pin_twin: bool = False) -> dict:
+            pin_twin: bool = False, days_per_block: int | None = None, block_twin: bool = False) -> dict:
     """One train() run; ab_twin marks the back-to-back gloo / shared-memory pairs, pin_twin the
-    pinned / unpinned ones."""
+    pinned / unpinned ones, block_twin those with one day / several days per Ray Data block."""
+    days_per_block = days_per_block or DataConfig.days_per_block
     from fvae_dist.train.trainer import train
 
     name = (f"ray-w{workers}-{precision}-d{batch_days}" + ("" if feeder else "-nofeeder")
-            + (f"-ab-{allreduce}" if ab_twin else "") + (f"-pin-{str(pin).lower()}" if pin_twin else ""))
+            + (f"-ab-{allreduce}" if ab_twin else "") + (f"-pin-{str(pin).lower()}" if pin_twin else "")
+            + (f"-g{days_per_block}" if block_twin else ""))
     storage = WORK / "runs"
     shutil.rmtree(storage / name, ignore_errors=True)
     cpus_per_worker = cpus_per_worker_for(workers, cores)
@@ -371,6 +378,7 @@ def ray_run(dataset: Path, *, workers: int, precision: str, batch_days: int, cor
         "train.keep_checkpoints=1", "train.torch_threads=1", f"ray.num_workers={workers}",
         f"ray.cpus_per_worker={cpus_per_worker}", f"ray.storage_path={storage}", f"ray.run_name={name}",
         f"data.feeder={str(feeder).lower()}", f"train.allreduce={allreduce}", f"ray.pin_cores={str(pin).lower()}",
+        f"data.days_per_block={days_per_block}",
     ))
     started = time.perf_counter()
     metrics = train(cfg).metrics
@@ -381,7 +389,7 @@ def ray_run(dataset: Path, *, workers: int, precision: str, batch_days: int, cor
     row = {
         "kind": "ray", "workers": workers, "precision": precision, "batch_days": batch_days, "feeder": feeder,
         "allreduce": metrics["history"][-1].get("perf_allreduce"),
-        "ab_twin": ab_twin, "pin_twin": pin_twin,
+        "ab_twin": ab_twin, "pin_twin": pin_twin, "days_per_block": days_per_block, "block_twin": block_twin,
         "training_cpus": training_cpus,  # rank 0's training thread
         "pinned": bool(training_cpus) and len(training_cpus.split(",")) < (os.cpu_count() or 1),
         "preemptions_per_step": float(np.mean([h.get("perf_preemptions_per_step", float("nan")) for h in steady])),
@@ -469,6 +477,7 @@ def ray_overhead(plain: list, ray_results: list) -> list:
             rows.append({"workers": r["workers"], "cores": r["cores"], "precision": r["precision"],
                          "batch_days": r["batch_days"], "feeder": r["feeder"], "allreduce": r["allreduce"],
                          "ab_twin": r["ab_twin"], "pin_twin": r["pin_twin"], "pinned": r["pinned"],
+                         "days_per_block": r["days_per_block"], "block_twin": r["block_twin"],
                          "plain_stock_days_per_s": match[0]["stock_days_per_s"],
                          "ray_stock_days_per_s": r["stock_days_per_s"],
                          "overhead_fraction": 1.0 - r["stock_days_per_s"] / match[0]["stock_days_per_s"],
@@ -503,6 +512,8 @@ def _variant_label(row: dict) -> str:
         label += " gloo all-reduce" if row.get("allreduce") == "process_group" else " shm all-reduce"
     if row.get("pin_twin"):
         label += " pinned" if row.get("pinned") else " not pinned"
+    if row.get("block_twin"):
+        label += f" {row['days_per_block']} days/block"
     return label
 
 

@@ -82,6 +82,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
         ("train.precision=fp8", "train.precision"),
         ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),
         ("data.batch_days=0", "data.batch_days"),
+        ("data.days_per_block=0", "data.days_per_block"),
         ("model.variant=big", "variant"),
         ("train.lr", "KEY=VALUE"),
     ],

@@ -45,10 +45,11 @@ class BatchFeeder:
     def ready(self) -> bool:
         return True
 
-    def epoch(self, batch_days: int, prefetch_batches: int, drop_last: bool, per_object: int):
+    def epoch(self, batch_days: int, prefetch_batches: int, drop_last: bool, per_object: int,
+              shuffle_seed: int | None = None):
         """One pass, `per_object` batches per object (the last object may hold fewer)."""
         chunk = []
-        for batch in batches_of_days(self._shard, batch_days, prefetch_batches, drop_last):
+        for batch in batches_of_days(self._shard, batch_days, prefetch_batches, drop_last, shuffle_seed):
             chunk.append(batch)
             if len(chunk) == per_object:
                 yield chunk
@@ -82,10 +83,11 @@ class EpochStream:
     that runs it keeps its resource reservation in Ray 2.60, and later executions in the cluster
     then wait forever for CPUs that are free.)"""
 
-    def __init__(self, feeder, batch_days: int, *, prefetch_batches: int, drop_last: bool):
+    def __init__(self, feeder, batch_days: int, *, prefetch_batches: int, drop_last: bool,
+                 shuffle_seed: int | None = None):
         per_object = max(1, min(BATCHES_PER_OBJECT, prefetch_batches))
         self._refs = feeder.epoch.options(num_returns="streaming", _generator_backpressure_num_objects=2).remote(
-            batch_days, prefetch_batches, drop_last, per_object)
+            batch_days, prefetch_batches, drop_last, per_object, shuffle_seed)
         self._batches = InBackground(_unpacked(self._refs), depth=2 * per_object, name="feeder-receiver")
 
     def __iter__(self) -> Iterator[dict]:

@@ -4,15 +4,21 @@ Driver side (`day_dataset`): the shards of one split become a Ray Dataset whose 
 
     from_items(shard entries) -> flat_map(iter_shard_days) -> materialize (one day per block)
 
-and `shuffled_each_epoch` puts a block-order shuffle on top. Because every block holds exactly
-one day, shuffling block order IS a day-level shuffle, and it moves no data: the days sit in the
-object store once and each epoch only re-orders references. Ray Train hands the training
-dataset to the workers through `streaming_split(equal=True)`, so in every epoch each worker
-gets its own disjoint days and all workers get the same number of them.
+For training, `grouped_days` then puts the days into blocks of G (data.days_per_block) drawn at
+random, once per run, and `shuffled_each_epoch` puts a block-order shuffle on top: each epoch
+re-orders block references and moves no data, and the consumer shuffles the days inside every
+block (`batches_of_days(shuffle_seed=...)`). Why blocks of several days: a worker pulls its share
+from Ray Data's split coordinator one block at a time, one RPC and one format conversion per
+block, which cost about 2.5 ms of CPU per day with one day per block against 0.7-1 ms with 8-16
+(two consumers on 2 cores, data/feeder.py) -- with 2 workers on 2 cores that was a tenth of the
+machine. The price: the same G days always travel together (in random order, in a random place
+of the epoch); G=1 restores a uniform permutation of the days every epoch. Ray Train hands the
+training dataset to the workers through `streaming_split(equal=True)`, so in every epoch each
+worker gets its own disjoint days and all workers get the same number of them.
 
-Worker side (`iter_day_batches`): the worker's share arrives one day at a time (batch_size=1
-never asks Ray Data to concatenate tensors of different N) and is grouped into batches of D
-days, padded to the largest N by `collate_days`. Training runs this in the worker's feeder actor
+Worker side (`iter_day_batches`): the worker's share arrives a block at a time, is cut into days
+and grouped into batches of D days, padded to the largest N by `collate_days` (Ray Data is never
+asked to concatenate tensors of different N). Training runs this in the worker's feeder actor
 (data/feeder.py), evaluation in the worker itself.
 
 Rows: date (int64 days since 1970-01-01), instruments (list of str), x [N, T, C] float32,
@@ -75,6 +81,30 @@ def day_dataset(
     return ds.materialize() if materialize else ds
 
 
+def grouped_days(ds: Dataset, days_per_block: int, seed: int) -> Dataset:
+    """`ds` (one day per block, as day_dataset makes it) re-cut into blocks of `days_per_block`
+    days drawn at random (seeded), materialized. 1 returns `ds` itself. The days are copied once
+    (a Ray Data pass); the one-day blocks are freed when the caller drops `ds`."""
+    if days_per_block < 1:
+        raise ValueError(f"days_per_block must be >= 1, got {days_per_block}")
+    if days_per_block == 1:
+        return ds
+    grouped = ds.randomize_block_order(seed=int(seed)).map_batches(
+        _same_table, batch_size=days_per_block, batch_format="pyarrow", zero_copy_batch=True)
+    # each batch of G days leaves the map as ONE block (day_dataset's limit would cut it up)
+    grouped.context.target_max_block_size = _NO_BLOCK_LIMIT
+    # the groups in the shuffled order whichever task finishes first, so a seed fixes them
+    grouped.context.execution_options.preserve_order = True
+    return grouped.materialize()
+
+
+_NO_BLOCK_LIMIT = 1 << 40
+
+
+def _same_table(table):
+    return table
+
+
 def shuffled_each_epoch(ds: Dataset, seed: int) -> Dataset:
     """Reshuffle day order on every pass: Ray reseeds from (seed, execution index)."""
     return ds.randomize_block_order(seed=RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
@@ -84,6 +114,11 @@ def epoch_seed(seed: int, start_epoch: int) -> int:
     """Base seed for a (possibly resumed) run: a resumed run starting at epoch e does not replay
     the day orders of epochs 0, 1, ... that the first attempt already trained on."""
     return int(np.random.SeedSequence([int(seed), int(start_epoch)]).generate_state(1)[0])
+
+
+def within_block_seed(seed: int, epoch: int) -> int:
+    """Seed of epoch `epoch`'s order of the days inside each block (iter_day_batches)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), 1]).generate_state(1)[0])
 
 
 class DaySplitConfig(ray.train.DataConfig):
@@ -116,31 +151,46 @@ class DaySplitConfig(ray.train.DataConfig):
 
 
 def iter_day_batches(
-    iterator, batch_days: int, *, prefetch_batches: int = 4, drop_last: bool = True, background: bool = False
+    iterator, batch_days: int, *, prefetch_batches: int = 4, drop_last: bool = True, background: bool = False,
+    shuffle_seed: int | None = None,
 ) -> Iterator[dict]:
     """Batches of D days from a Ray DataIterator (a worker's shard) or a Dataset.
 
     Yields collate_days' dict (x [D, N, T, C], y, label, mask [D, N]) plus "date"
     (datetime64[D], [D]) and "instruments" (list of D arrays). A last group shorter than D is
     dropped when drop_last (training keeps step counts equal); kept for evaluation.
+    shuffle_seed: shuffle the days inside each block (see grouped_days); None keeps their order.
     background=True fetches and pads the next `prefetch_batches` batches in a thread while the
     caller computes (numpy copies and torch kernels release the GIL, so the two overlap)."""
-    batches = batches_of_days(iterator, batch_days, prefetch_batches, drop_last)
+    batches = batches_of_days(iterator, batch_days, prefetch_batches, drop_last, shuffle_seed)
     if background and prefetch_batches > 0:
         return InBackground(batches, depth=prefetch_batches)
     return batches
 
 
-def batches_of_days(iterator, batch_days: int, prefetch_batches: int, drop_last: bool) -> Iterator[dict]:
+def batches_of_days(iterator, batch_days: int, prefetch_batches: int, drop_last: bool,
+                    shuffle_seed: int | None = None) -> Iterator[dict]:
     """iter_day_batches' batches, fetched and padded in the calling thread."""
     group: list[DaySample] = []
-    for row in iterator.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch_batches):
-        group.append(row_to_day(row))
+    for day in days_of(iterator, prefetch_batches, shuffle_seed):
+        group.append(day)
         if len(group) == batch_days:
             yield collate_with_dates(group)
             group = []
     if group and not drop_last:
         yield collate_with_dates(group)
+
+
+def days_of(iterator, prefetch_blocks: int, shuffle_seed: int | None = None) -> Iterator[DaySample]:
+    """The days of a Ray DataIterator or Dataset, one block at a time (batch_size=None: Ray Data
+    hands over its blocks as they are). shuffle_seed: each block's days in an order drawn from
+    (shuffle_seed, the block's first date), so it does not matter which worker gets the block."""
+    for block in iterator.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_blocks):
+        days = [row_to_day(block, row) for row in range(len(block["date"]))]
+        if shuffle_seed is not None and len(days) > 1:
+            rng = np.random.default_rng([int(shuffle_seed), int(block["date"][0])])
+            days = [days[i] for i in rng.permutation(len(days))]
+        yield from days
 
 
 class InBackground:
@@ -208,14 +258,14 @@ def _put(slots: queue.Queue, stop: threading.Event, item) -> bool:
     return False
 
 
-def row_to_day(row: dict) -> DaySample:
-    """A one-row numpy batch from Ray Data -> DaySample."""
+def row_to_day(block: dict, row: int = 0) -> DaySample:
+    """Row `row` of a numpy batch from Ray Data -> DaySample."""
     return DaySample(
-        date=_UNIX_DAY + np.timedelta64(int(row["date"][0]), "D"),
-        instruments=np.asarray(row["instruments"][0], dtype=str),
-        x=np.asarray(row["x"][0], dtype=np.float32),
-        y=np.asarray(row["y"][0], dtype=np.float32),
-        label=np.asarray(row["label"][0], dtype=np.float32),
+        date=_UNIX_DAY + np.timedelta64(int(block["date"][row]), "D"),
+        instruments=np.asarray(block["instruments"][row], dtype=str),
+        x=np.asarray(block["x"][row], dtype=np.float32),
+        y=np.asarray(block["y"][row], dtype=np.float32),
+        label=np.asarray(block["label"][row], dtype=np.float32),
     )
 
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict, write_text_atomic
 from fvae_dist.data.feeder import EpochStream, feeder_for
-from fvae_dist.data.stream import iter_day_batches
+from fvae_dist.data.stream import iter_day_batches, within_block_seed
 from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train.core_layout import available_cpus, cpu_list_text, pin_training_thread
@@ -114,11 +114,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             epoch = state.epoch
             lr = cfg.train.lr * lr_factor(cfg.train, epoch)
             engine.set_lr(lr)
-            batches = upcoming or training_batches(feeder or train_shard, cfg)
+            batches = upcoming or training_batches(feeder or train_shard, cfg, epoch)
             train = train_one_epoch(engine, batches, cfg, device, world, run_dir, epoch, rank)
             # The feeder reads the next epoch's first days while this one is validated (it would
             # idle otherwise); an epoch early stopping then cancels is drained below.
-            upcoming = training_batches(feeder, cfg) if feeder is not None and epoch + 1 < cfg.train.epochs else None
+            upcoming = training_batches(feeder, cfg, epoch + 1) if feeder is not None and epoch + 1 < cfg.train.epochs else None
             valid = evaluate_split(engine, valid_shard, cfg, device)
             score = valid["rank_ic"] if math.isfinite(valid["rank_ic"]) else UNDEFINED_SCORE
             if state.observe(epoch, score, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta):
@@ -148,13 +148,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # Epoch pieces
 # ----------------------------------------------------------------------------------------------
 
-def training_batches(source, cfg: ExperimentConfig):
+def training_batches(source, cfg: ExperimentConfig, epoch: int):
     """One epoch of this worker's training batches: from its feeder actor (data.feeder, the
-    feeder starts reading at once) or from its Ray Data shard in background threads."""
+    feeder starts reading at once) or from its Ray Data shard in background threads. The days
+    inside each block come in an order of this epoch's own (data/stream.py, grouped_days)."""
+    shuffle_seed = within_block_seed(cfg.train.seed, epoch)
     if cfg.data.feeder:
-        return EpochStream(source, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches, drop_last=True)
+        return EpochStream(source, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches, drop_last=True,
+                           shuffle_seed=shuffle_seed)
     return iter_day_batches(source, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches,
-                            drop_last=True, background=True)
+                            drop_last=True, background=True, shuffle_seed=shuffle_seed)
 
 
 def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, run_dir: Path, epoch: int, rank: int) -> dict:

@@ -65,7 +65,7 @@ def test_a_feeder_failing_mid_epoch_raises_in_the_consumer(ray_local):
     class FailingFeeder:
         """BatchFeeder's epoch interface: one object of one batch, then the reading fails."""
 
-        def epoch(self, batch_days, prefetch_batches, drop_last, per_object):
+        def epoch(self, batch_days, prefetch_batches, drop_last, per_object, shuffle_seed=None):
             yield [{"x": np.zeros((1, 2, 3, 4), dtype=np.float32), "mask": np.ones((1, 2), dtype=bool)}]
             raise ValueError("shard 7 unreadable")
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fvae_dist.data.shards import iter_shard_days, load_manifest, shard_entries
-from fvae_dist.data.stream import day_dataset, iter_day_batches, shuffled_each_epoch
+from fvae_dist.data.stream import day_dataset, grouped_days, iter_day_batches, shuffled_each_epoch
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
 
@@ -60,6 +60,41 @@ def test_day_order_is_reshuffled_every_pass(ray_local, toy_dir):
     orders = [[str(b["date"][0]) for b in iter_day_batches(ds, 1)] for _ in range(2)]
     assert sorted(orders[0]) == sorted(orders[1])
     assert orders[0] != orders[1]
+
+
+def _blocks(ds) -> list[list[str]]:
+    """The dates of each block, in block order."""
+    return [[str(np.datetime64(int(d), "D")) for d in block["date"]]
+            for block in ds.iter_batches(batch_size=None, batch_format="numpy")]
+
+
+def test_grouped_days_hold_every_day_once_in_random_groups_of_g(ray_local, toy_dir):
+    days = day_dataset(toy_dir, "train")
+    dates = sorted(_expected_days(toy_dir, "train"))
+    groups = _blocks(grouped_days(days, 4, seed=0))
+    assert len(groups) == -(-len(dates) // 4) and all(len(group) == 4 for group in groups[:-1])
+    assert sorted(date for group in groups for date in group) == dates
+    consecutive = [dates[i : i + 4] for i in range(0, len(dates), 4)]
+    assert groups != consecutive, "the groups should be drawn at random, not cut from the calendar"
+    assert _blocks(grouped_days(days, 4, seed=0)) == groups, "a seed fixes the groups"
+    assert _blocks(grouped_days(days, 4, seed=1)) != groups
+    assert grouped_days(days, 1, seed=0) is days
+
+
+def test_days_inside_each_block_are_shuffled_by_the_epochs_seed(ray_local, toy_dir):
+    grouped = grouped_days(day_dataset(toy_dir, "train"), 4, seed=0)
+    stored = _blocks(grouped)
+
+    def order(seed):
+        return [str(b["date"][0]) for b in iter_day_batches(grouped, 1, drop_last=False, shuffle_seed=seed)]
+
+    assert order(None) == [date for group in stored for date in group]
+    first, again, other = order(7), order(7), order(8)
+    assert first == again and first != other
+    for run in (first, other):  # each block's days stay together, in their own order
+        cut = [run[i : i + 4] for i in range(0, len(run), 4)]
+        assert [sorted(c) for c in cut] == [sorted(g) for g in stored]
+    assert first != order(None)
 
 
 def test_workers_that_would_starve_ray_data_are_refused(ray_local, toy_dir):
