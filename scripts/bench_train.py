@@ -10,7 +10,11 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
   * Ray Train (the real `train()`, DDP, Ray Data input) with 1 and 2 workers, same variants, and
     two 1-worker runs with data.feeder=false (Ray Data read in the worker's own threads) and two
     2-worker runs with train.allreduce=process_group (gradients averaged by gloo instead of
-    through shared memory), each right beside a repeat of its shared-memory twin
+    through shared memory), each right beside a repeat of its shared-memory twin; 1-worker
+    pinned / unpinned pairs (ray.pin_cores) and 2-worker pairs with one day per Ray Data block
+    against the default data.days_per_block, back to back
+  * one consumer pulling days out of Ray Data alone (no step), with 1 and with the default days
+    per block
   * eq. 4's GRU alone (forward + backward at S=300, fp32 and bf16): torch.nn.GRU against the
     models' FusedGRU, the share of the step that the GRU bounds
   * FactorVAE's loss after eq. 4 alone (eqs. 5-17, forward + backward at N=300, fp32): the
@@ -447,23 +451,28 @@ def neighbour_sensitivity(days: list, max_steps: int) -> list:
 
 
 def ray_data_only(dataset: Path) -> dict:
-    """How fast one consumer pulls days out of the materialised Ray Dataset (no model step):
-    the input pipeline's ceiling, to compare with the step rate."""
+    """How fast one consumer pulls days out of the materialised Ray Dataset (no model step), with
+    one day per block and with training's default data.days_per_block: the input pipeline's
+    ceiling, to compare with the step rate."""
     import ray
 
-    from fvae_dist.data.stream import day_dataset, iter_day_batches, shuffled_each_epoch
+    from fvae_dist.data.stream import day_dataset, grouped_days, iter_day_batches, shuffled_each_epoch
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    ds = shuffled_each_epoch(day_dataset(dataset, "train"), seed=0)
-    rates = []
-    for _ in range(2):
-        started, stock_days = time.perf_counter(), 0
-        for batch in iter_day_batches(ds, 1):
-            stock_days += int(batch["mask"].sum())
-        rates.append(stock_days / (time.perf_counter() - started))
+    days = day_dataset(dataset, "train")
+    row = {"days": days.count()}
+    for days_per_block in (1, DataConfig.days_per_block):
+        ds = shuffled_each_epoch(grouped_days(days, days_per_block, seed=0), seed=0)
+        rates = []
+        for epoch in range(2):
+            started, stock_days = time.perf_counter(), 0
+            for batch in iter_day_batches(ds, 1, shuffle_seed=epoch):
+                stock_days += int(batch["mask"].sum())
+            rates.append(stock_days / (time.perf_counter() - started))
+        row[f"stock_days_per_s_{days_per_block}_days_per_block"] = max(rates)
+        print(f"ray data input only, {days_per_block} days per block: {max(rates):,.0f} stock-days/s")
     ray.shutdown()
-    row = {"stock_days_per_s": max(rates), "days": ds.count()}
-    print(f"ray data input only: {row['stock_days_per_s']:,.0f} stock-days/s")
+    row["stock_days_per_s"] = row[f"stock_days_per_s_{DataConfig.days_per_block}_days_per_block"]
     return row
 
 
