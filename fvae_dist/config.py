@@ -62,7 +62,9 @@ class DataConfig:
     """Split evaluated once at the end with the best epoch's weights (metrics.json "final")."""
 
     prefetch_batches: int = 4
-    """Batches each worker's Ray Data iterator fetches ahead of the training step."""
+    """How far each worker reads ahead: the Ray Data blocks its iterator fetches (training:
+    data.days_per_block days each; evaluation: one day each) and the padded batches queued for
+    the step."""
 
     days_per_block: int = 8
     """G: training days travel through Ray Data in blocks of G days, grouped at random once per

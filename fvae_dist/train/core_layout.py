@@ -4,6 +4,7 @@
     with new_processes_confined_to(layout.housekeeping, available_cpus()):
         ray.init(...)                                                          the raylet and all it starts
     pin_training_thread(layout.training[rank])                                in each worker, first thing
+    leave_training_cores()                                                    first thing in threads it starts
     cpu_list_text(available_cpus())                                           "0,1": where this thread runs
 
 Why: a local Ray node runs dozens of threads besides the training workers: the raylet and its
@@ -13,7 +14,11 @@ Measured on 2 cores with 1 training worker (fp32, one day per step, 13 ms steps)
 thread lost its CPU 5-7 times per step, spent 0.9 ms of every step runnable but not running, and
 its own CPU time per step grew by 5% (caches refilled after each visit). With the thread pinned
 to one core and everything else started on the other, back-to-back pairs gave 19.7K -> 20.9K and
-18.2K -> 19.5K stock-days/s in fp32, 29.1K -> 37.6K in bf16 (3.8-3.9 preemptions per step). The
+18.2K -> 19.5K stock-days/s in fp32, 29.1K -> 37.6K in bf16 (3.8-3.9 preemptions per step).
+With 8 days per Ray Data block (data/stream.py) the housekeeping got lighter and the pinned and
+unpinned pairs came out even in fp32 (18.7K / 18.9K, 19.2K / 19.1K), until the threads the training
+thread starts were moved off its core too (leave_training_cores): 3.8 -> 0.1 preemptions per step,
+fp32 pairs 18.7K -> 20.2K, 20.8K -> 21.3K, 18.8K -> 19.1K. The
 price: start-up and Ray Data's reading of the validation and test splits get fewer cores, so a
 1-worker run on 2 cores has 3-7 s more fixed cost. See the README's benchmark section.
 
@@ -39,6 +44,10 @@ from typing import Iterator, Sequence
 
 NODE_CPUS_ENV = "FVAE_DIST_NODE_CPUS"
 """Set in the processes of a local cluster whose housekeeping was confined: the node's CPUs."""
+
+_helper_cpus: tuple[int, ...] | None = None
+"""In a worker whose training thread was pinned: the worker's CPUs from before, minus the training
+cores. Threads the training thread starts belong there (leave_training_cores)."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +112,12 @@ def pin_training_thread(cores: Sequence[int] | None) -> tuple[int, ...] | None:
     when this process belongs to a confined cluster (NODE_CPUS_ENV), else leave it alone.
     Returns the thread's CPUs afterwards (None where affinity is not supported). Call it before
     torch starts its intra-op threads: they inherit the set of the thread that starts them."""
+    global _helper_cpus
     if not affinity_supported():
         return None
+    _helper_cpus = None
+    if cores:
+        _helper_cpus = tuple(cpu for cpu in available_cpus() if cpu not in set(cores)) or None
     target = cores if cores else _parse_cpu_list(os.environ.get(NODE_CPUS_ENV, ""))
     if target:
         try:
@@ -112,6 +125,20 @@ def pin_training_thread(cores: Sequence[int] | None) -> tuple[int, ...] | None:
         except OSError:  # CPUs this process may not use (another cgroup): keep the inherited set
             pass
     return available_cpus()
+
+
+def leave_training_cores() -> None:
+    """Call first thing in a thread that a pinned training thread starts (the feeder's receiver,
+    background batch readers): a new thread inherits its creator's CPUs, and on the training core
+    it would take turns with the step. Measured with the feeder's receiver still on the training
+    core: the pinned thread lost its CPU 3.7-3.8 times a step (1.5-2.9 unpinned); moved off,
+    0.06-0.11 times. The thread moves to the CPUs the worker had before pinning; nothing happens
+    where nothing was pinned."""
+    if _helper_cpus and affinity_supported():
+        try:
+            os.sched_setaffinity(0, set(_helper_cpus))
+        except OSError:  # CPUs this process may no longer use: stay where it is
+            pass
 
 
 def cpu_list_text(cpus: Sequence[int]) -> str:

@@ -67,6 +67,38 @@ def test_pinning_changes_only_the_calling_thread():
 
 
 @needs_two_cpus
+def test_threads_a_pinned_training_thread_starts_leave_its_core(monkeypatch):
+    from fvae_dist.data.stream import InBackground
+
+    monkeypatch.setattr(core_layout, "_helper_cpus", None)
+    cpus = core_layout.available_cpus()
+
+    def pinned_then_start_threads():
+        os.sched_setaffinity(0, {cpus[0]})  # as the worker process starts on a confined cluster
+        core_layout.pin_training_thread((cpus[-1],))
+        inherited = _in_a_thread(core_layout.available_cpus)
+        helper = _in_a_thread(lambda: (core_layout.leave_training_cores(), core_layout.available_cpus())[1])
+        stream = InBackground((core_layout.available_cpus() for _ in range(1)), depth=1)
+        return inherited, helper, next(stream), core_layout.available_cpus()
+
+    inherited, helper, background, training = _in_a_thread(pinned_then_start_threads)
+    assert inherited == training == (cpus[-1],)  # what a new thread gets without the call
+    assert helper == background == (cpus[0],)
+
+
+def test_leaving_training_cores_changes_nothing_where_nothing_was_pinned(monkeypatch):
+    monkeypatch.setattr(core_layout, "_helper_cpus", None)
+    monkeypatch.delenv(core_layout.NODE_CPUS_ENV, raising=False)
+    cpus = core_layout.available_cpus()
+
+    def unpinned_then_start_a_thread():
+        core_layout.pin_training_thread(None)
+        return _in_a_thread(lambda: (core_layout.leave_training_cores(), core_layout.available_cpus())[1])
+
+    assert _in_a_thread(unpinned_then_start_a_thread) == cpus
+
+
+@needs_two_cpus
 def test_a_worker_without_cores_of_its_own_widens_to_the_node_cpus_of_a_confined_cluster(monkeypatch):
     cpus = core_layout.available_cpus()
     monkeypatch.setenv(core_layout.NODE_CPUS_ENV, ",".join(map(str, cpus)))
