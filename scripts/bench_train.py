@@ -368,8 +368,9 @@ def ray_run(dataset: Path, *, workers: int, precision: str, batch_days: int, cor
             pin_twin: bool = False, days_per_block: int | None = None, block_twin: bool = False) -> dict:
     """One train() run; ab_twin marks the back-to-back gloo / shared-memory pairs, pin_twin the
     pinned / unpinned ones, block_twin those with one day / several days per Ray Data block."""
-    days_per_block = days_per_block or DataConfig.days_per_block
     from fvae_dist.train.trainer import train
+
+    days_per_block = days_per_block or DataConfig.days_per_block
 
     name = (f"ray-w{workers}-{precision}-d{batch_days}" + ("" if feeder else "-nofeeder")
             + (f"-ab-{allreduce}" if ab_twin else "") + (f"-pin-{str(pin).lower()}" if pin_twin else "")
