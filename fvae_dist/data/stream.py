@@ -82,6 +82,9 @@ def day_dataset(
     return ds.materialize() if materialize else ds
 
 
+_NO_BLOCK_LIMIT = 1 << 40  # bytes: larger than any block of days
+
+
 def grouped_days(ds: Dataset, days_per_block: int, seed: int) -> Dataset:
     """`ds` (one day per block, as day_dataset makes it) re-cut into blocks of `days_per_block`
     days drawn at random (seeded), materialized. 1 returns `ds` itself. The days are copied once
@@ -97,9 +100,6 @@ def grouped_days(ds: Dataset, days_per_block: int, seed: int) -> Dataset:
     # the groups in the shuffled order whichever task finishes first, so a seed fixes them
     grouped.context.execution_options.preserve_order = True
     return grouped.materialize()
-
-
-_NO_BLOCK_LIMIT = 1 << 40
 
 
 def _same_table(table):
