@@ -84,8 +84,12 @@ def plan_core_layout(workers: int, threads_per_worker: int, cpus: Sequence[int])
     if needed >= len(cpus):
         return None
     housekeeping, training = cpus[: len(cpus) - needed], cpus[len(cpus) - needed :]
-    per_rank = tuple(training[rank * threads_per_worker : (rank + 1) * threads_per_worker] for rank in range(workers))
-    return CoreLayout(training=per_rank, housekeeping=housekeeping)
+    return CoreLayout(training=per_rank(training, workers, threads_per_worker), housekeeping=housekeeping)
+
+
+def per_rank(cpus: Sequence[int], workers: int, threads_per_worker: int) -> tuple[tuple[int, ...], ...]:
+    """`cpus` dealt out in order, `threads_per_worker` to each of `workers` ranks (enough assumed)."""
+    return tuple(tuple(cpus[rank * threads_per_worker : (rank + 1) * threads_per_worker]) for rank in range(workers))
 
 
 @contextlib.contextmanager
@@ -117,7 +121,8 @@ def pin_training_thread(cores: Sequence[int] | None) -> tuple[int, ...] | None:
         return None
     _helper_cpus = None
     if cores:
-        _helper_cpus = tuple(cpu for cpu in available_cpus() if cpu not in set(cores)) or None
+        training = set(cores)
+        _helper_cpus = tuple(cpu for cpu in available_cpus() if cpu not in training) or None
     target = cores if cores else _parse_cpu_list(os.environ.get(NODE_CPUS_ENV, ""))
     if target:
         try:

@@ -218,7 +218,7 @@ def planned_core_layout(cfg: ExperimentConfig) -> core_layout.CoreLayout | None:
     return core_layout.plan_core_layout(cfg.ray.num_workers, intra_op_threads(cfg), core_layout.available_cpus())
 
 
-def training_cores_for(cfg: ExperimentConfig) -> list[list[int]] | None:
+def training_cores_for(cfg: ExperimentConfig) -> tuple[tuple[int, ...], ...] | None:
     """Each rank's cores when this process started the cluster with a core layout that fits this
     run's workers; None otherwise (the workers then widen to the node's CPUs if the cluster's
     housekeeping was confined, see core_layout.pin_training_thread)."""
@@ -231,7 +231,7 @@ def training_cores_for(cfg: ExperimentConfig) -> list[list[int]] | None:
     pinned = [cpu for cpus in layout.training for cpu in cpus]
     if cfg.ray.num_workers * threads > len(pinned):
         return None
-    return [pinned[rank * threads : (rank + 1) * threads] for rank in range(cfg.ray.num_workers)]
+    return core_layout.per_rank(pinned, cfg.ray.num_workers, threads)
 
 
 def check_cluster_fits(cfg: ExperimentConfig) -> None:
