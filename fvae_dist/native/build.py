@@ -1,6 +1,8 @@
 """Compile the native helpers on first use and load them with ctypes.
 
     load_gru_kernels() -> ctypes.CDLL | None     gru_cell.cpp: the fused GRU's step kernels
+    torch_sgemm() -> int | None                  the address of the sgemm of torch's own BLAS, for
+                                                 gru_cell.cpp's whole-sequence loops
     load_head_kernels() -> ctypes.CDLL | None    factor_head.cpp: FactorVAE's loss (eqs. 5-17) and
                                                  its gradient in one pass (models/fused_head.py)
     load_optim_kernels() -> ctypes.CDLL | None   adamw.cpp: AdamW's step and the gradient norm over all
@@ -28,6 +30,7 @@ group (gloo), as torch does by default.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -81,6 +84,23 @@ def load_optim_kernels() -> ctypes.CDLL | None:
     if _disabled(DISABLE_OPTIM_ENV):
         return None
     return _load("optim")
+
+
+@functools.cache
+def torch_sgemm() -> int | None:
+    """The address of sgemm_ (Fortran BLAS, 32-bit integers) in the BLAS torch itself runs its
+    float32 products on (MKL, linked into libtorch_cpu on x86), or None where torch's libraries
+    do not export one. Calling torch's own BLAS keeps its thread settings (torch.set_num_threads)
+    and its arithmetic; another BLAS found on the system would have neither."""
+    import torch
+
+    for library in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu*.so*")):
+        try:
+            symbol = getattr(ctypes.CDLL(str(library)), "sgemm_")
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(symbol, ctypes.c_void_p).value
+    return None
 
 
 def _disabled(variable: str) -> bool:
@@ -173,6 +193,11 @@ def _declare_gru(lib: ctypes.CDLL) -> None:
         backward = getattr(lib, f"fvae_gru_backward_step_{suffix}")
         backward.argtypes = [long, long, ptr, long, ptr, ptr, ptr, ptr, ptr, long, ptr, ptr]
         backward.restype = None
+    lib.fvae_gru_forward_f32.argtypes = [ptr, long, long, long, long, ptr, long, long, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.fvae_gru_forward_f32.restype = None
+    lib.fvae_gru_backward_f32.argtypes = [ptr, long, long, long, long, ptr, long, long, ptr, ptr, ptr, ptr, ptr, ptr,
+                                          ptr, ptr, ptr, ptr]
+    lib.fvae_gru_backward_f32.restype = None
 
 
 def _declare_head(lib: ctypes.CDLL) -> None:
@@ -206,7 +231,7 @@ def _unavailable(spec: NativeLibrary, reason: str) -> None:
 
 
 LIBRARIES = {
-    "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 3, _declare_gru,
+    "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 4, _declare_gru,
                          "using torch.nn.GRU"),
     "head": NativeLibrary(Path(__file__).with_name("factor_head.cpp"), "fvae_head_abi_version", 1, _declare_head,
                           "computing FactorVAE's loss with the reference modules"),

@@ -14,11 +14,12 @@ from fvae_dist.native import build
 HAS_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
 
 
-def _pair(input_size, hidden, layers=1, dropout=0.0, seed=0):
+def _pair(input_size, hidden, layers=1, dropout=0.0, seed=0, native_time_loop=True):
     torch.manual_seed(seed)
     reference = torch.nn.GRU(input_size, hidden, num_layers=layers, dropout=dropout, batch_first=True)
     fused = FusedGRU(input_size, hidden, num_layers=layers, dropout=dropout, batch_first=True)
     fused.load_state_dict(reference.state_dict())
+    fused.native_time_loop = native_time_loop
     return reference, fused
 
 
@@ -51,14 +52,53 @@ def test_the_fused_kernels_build_on_a_machine_with_a_compiler():
 
 @pytest.mark.parametrize("shape", [(300, 20, 64, 64, 1), (7, 1, 5, 3, 1), (13, 4, 6, 8, 2), (1, 3, 2, 2, 3)])
 @pytest.mark.parametrize("use_sequence", [False, True])
-def test_fp32_outputs_and_gradients_match_torch(one_thread, shape, use_sequence):
+@pytest.mark.parametrize("native_time_loop", [True, False], ids=["native-loop", "python-loop"])
+def test_fp32_outputs_and_gradients_match_torch(one_thread, monkeypatch, shape, use_sequence, native_time_loop):
     stocks, steps, inputs, hidden, layers = shape
-    reference, fused = _pair(inputs, hidden, layers)
+    reference, fused = _pair(inputs, hidden, layers, native_time_loop=native_time_loop)
+    loops = _count_loops(monkeypatch)
     x = torch.randn(stocks, steps, inputs)
     expected, got = _run(reference, x, use_sequence), _run(fused, x, use_sequence)
     for name, a, b in zip(["output", "h_n", "dx"] + [n for n, _ in fused.named_parameters()], got, expected):
         assert a.shape == b.shape, name
         assert _relative_error(a, b) < 1e-5, name
+    ran = "native" if native_time_loop and build.torch_sgemm() is not None else "python"
+    assert loops == {ran: layers}, "the time loop ran somewhere other than expected"
+
+
+def _count_loops(monkeypatch) -> dict:
+    """Counts, by kind, the layers whose forward time loop ran natively or in Python."""
+    counts: dict = {}
+    for kind, name in (("native", "_forward_whole_sequence"), ("python", "_forward_step_by_step")):
+        original = getattr(fused_gru, name)
+
+        def counted(*args, kind=kind, original=original):
+            counts[kind] = counts.get(kind, 0) + 1
+            return original(*args)
+        monkeypatch.setattr(fused_gru, name, counted)
+    return counts
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch without MKL may not export sgemm_")
+def test_torchs_blas_is_found_where_torch_has_mkl():
+    """The fast fp32 path depends on it: with torch's MKL build (x86, CI) it must not go missing."""
+    assert build.torch_sgemm() is not None
+
+
+def test_the_native_loop_follows_torchs_thread_setting(monkeypatch):
+    """With two threads (torch's BLAS may then split each product) the native loop still matches
+    torch.nn.GRU."""
+    reference, fused = _pair(16, 32)
+    x = torch.randn(64, 6, 16)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = _run(fused, x, use_sequence=True)
+    finally:
+        torch.set_num_threads(previous)
+    expected = _run(reference, x, use_sequence=True)
+    for a, b in zip(two, expected):
+        assert _relative_error(a, b) < 1e-5
 
 
 def test_bf16_autocast_stays_close_to_fp32(one_thread):
