@@ -125,9 +125,10 @@ def _forward_whole_sequence(x, w_ih, w_hh, b_gi, b_hn, T, S, time_major, sgemm, 
     x, w_ih, w_hh = x.contiguous(), w_ih.detach().contiguous(), w_hh.detach().contiguous()
     states = x.new_empty((T + 1, S, H))                                # states[0] = h_0 = 0
     gates = x.new_empty((T, 4, S, H))                                  # r, z, n, gh_n per step
+    work = x.new_empty(2 * S * 3 * H)                                  # one step's gi and gh
     kernels.fvae_gru_forward_f32(sgemm, S, T, H, I, x.data_ptr(), *_x_strides(x, T, S, time_major),
                                  w_ih.data_ptr(), w_hh.data_ptr(), b_gi.data_ptr(), b_hn.data_ptr(),
-                                 states.data_ptr(), gates.data_ptr())
+                                 states.data_ptr(), gates.data_ptr(), work.data_ptr())
     return (x, w_ih, w_hh, states, gates), states
 
 
@@ -139,10 +140,12 @@ def _backward_whole_sequence(ctx, grad_states, grad_last):
     dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
     dw_ih, dw_hh = torch.empty_like(w_ih), torch.empty_like(w_hh)
     db = states.new_empty(4 * H)                                       # d_r, d_z, d_n, d_n * r summed
+    work = states.new_empty(2 * S * H + 2 * S * 3 * H + H)             # gru_cell.cpp: sequence_backward
     ctx.kernels.fvae_gru_backward_f32(ctx.sgemm, S, T, H, x.shape[-1], x.data_ptr(),
                                       *_x_strides(x, T, S, ctx.time_major), w_ih.data_ptr(), w_hh.data_ptr(),
                                       states.data_ptr(), gates.data_ptr(), _pointer(dh_last), _pointer(dh_out),
-                                      _pointer(dx), dw_ih.data_ptr(), dw_hh.data_ptr(), db.data_ptr())
+                                      _pointer(dx), dw_ih.data_ptr(), dw_hh.data_ptr(), db.data_ptr(),
+                                      work.data_ptr())
     db_ih = db[: 3 * H]                                                # d_r, d_z, d_n
     db_hh = torch.cat([db[: 2 * H], db[3 * H :]])                      # d_r, d_z, d_n * r
     return dx, dw_ih, dw_hh, db_ih, db_hh

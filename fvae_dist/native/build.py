@@ -193,10 +193,11 @@ def _declare_gru(lib: ctypes.CDLL) -> None:
         backward = getattr(lib, f"fvae_gru_backward_step_{suffix}")
         backward.argtypes = [long, long, ptr, long, ptr, ptr, ptr, ptr, ptr, long, ptr, ptr]
         backward.restype = None
-    lib.fvae_gru_forward_f32.argtypes = [ptr, long, long, long, long, ptr, long, long, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.fvae_gru_forward_f32.argtypes = [ptr, long, long, long, long, ptr, long, long, ptr, ptr, ptr, ptr, ptr, ptr,
+                                         ptr]
     lib.fvae_gru_forward_f32.restype = None
     lib.fvae_gru_backward_f32.argtypes = [ptr, long, long, long, long, ptr, long, long, ptr, ptr, ptr, ptr, ptr, ptr,
-                                          ptr, ptr, ptr, ptr]
+                                          ptr, ptr, ptr, ptr, ptr]
     lib.fvae_gru_backward_f32.restype = None
 
 
@@ -231,7 +232,7 @@ def _unavailable(spec: NativeLibrary, reason: str) -> None:
 
 
 LIBRARIES = {
-    "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 4, _declare_gru,
+    "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 5, _declare_gru,
                          "using torch.nn.GRU"),
     "head": NativeLibrary(Path(__file__).with_name("factor_head.cpp"), "fvae_head_abi_version", 1, _declare_head,
                           "computing FactorVAE's loss with the reference modules"),

@@ -34,7 +34,6 @@
 // (their operands, several MB each, fall out of the caches).
 #include <cstdint>
 #include <cstring>
-#include <memory>
 
 #include "fast_math.h"
 
@@ -173,21 +172,23 @@ struct Sequence {
 
 // Forward over all T steps. W_ih (3H, I), W_hh (3H, H) row-major; b_gi, b_hn as in forward_step.
 // Writes states ((T + 1, S, H), states[0] = h_0 = 0) and saved ((T, 4, S, H), forward_step's).
+// work: 2 * S * 3H floats of scratch (the caller allocates, so that running out of memory is a
+// Python error, not a crash here).
 void sequence_forward(sgemm_fn sgemm, const Sequence& q, const float* x, const float* w_ih, const float* w_hh,
-                      const float* b_gi, const float* b_hn, float* states, float* saved) {
+                      const float* b_gi, const float* b_hn, float* states, float* saved, float* work) {
     const long S = q.S, H = q.H, G = 3 * q.H;
-    std::unique_ptr<float[]> gi(new float[S * G]), gh(new float[S * G]);
+    float* gi = work;                                                  // (S, 3H) this step's x_t W_ih^T
+    float* gh = work + S * G;                                          // (S, 3H) this step's h_{t-1} W_hh^T
     std::memset(states, 0, sizeof(float) * S * H);
     for (long t = 0; t < q.T; ++t) {
         float* h_prev = states + t * S * H;
-        gemm(sgemm, false, true, S, G, q.I, x + t * q.x_t, q.x_s, w_ih, q.I, 0.0f, gi.get(), G);  // x_t W_ih^T
+        gemm(sgemm, false, true, S, G, q.I, x + t * q.x_t, q.x_s, w_ih, q.I, 0.0f, gi, G);       // x_t W_ih^T
         if (t == 0) {
-            std::memset(gh.get(), 0, sizeof(float) * S * G);                                       // h_0 = 0
+            std::memset(gh, 0, sizeof(float) * S * G);                                           // h_0 = 0
         } else {
-            gemm(sgemm, false, true, S, G, H, h_prev, H, w_hh, H, 0.0f, gh.get(), G);            // h_{t-1} W_hh^T
+            gemm(sgemm, false, true, S, G, H, h_prev, H, w_hh, H, 0.0f, gh, G);                 // h_{t-1} W_hh^T
         }
-        forward_step<float>(S, H, gi.get(), G, gh.get(), b_gi, b_hn, h_prev, h_prev + S * H, nullptr,
-                            saved + t * 4 * S * H);
+        forward_step<float>(S, H, gi, G, gh, b_gi, b_hn, h_prev, h_prev + S * H, nullptr, saved + t * 4 * S * H);
     }
 }
 
@@ -195,35 +196,39 @@ void sequence_forward(sgemm_fn sgemm, const Sequence& q, const float* x, const f
 // gradient reaching h_T from outside the sequence output (null: none); dh_out ((T, S, H),
 // time-major; null: none): the gradient reaching each h_t through the output sequence.
 // Writes dx (laid out like x; null: not wanted), dw_ih, dw_hh and db ((4H,), backward_step's).
+// work: 2 * S * H + 2 * S * 3H + H floats of scratch.
 void sequence_backward(sgemm_fn sgemm, const Sequence& q, const float* x, const float* w_ih, const float* w_hh,
                        const float* states, const float* saved, const float* dh_last, const float* dh_out,
-                       float* dx, float* dw_ih, float* dw_hh, float* db) {
+                       float* dx, float* dw_ih, float* dw_hh, float* db, float* work) {
     const long S = q.S, H = q.H, G = 3 * q.H;
-    std::unique_ptr<float[]> dh_carry(new float[S * H]), dh_mm(new float[S * H]), zero_row(new float[H]);
-    std::unique_ptr<float[]> dgi(new float[S * G]), dgh(new float[S * G]);
+    float* dh_carry = work;                                            // (S, H) z * dh of the step after
+    float* dh_mm = dh_carry + S * H;                                   // (S, H) dgh of the step after W_hh
+    float* dgi = dh_mm + S * H;                                        // (S, 3H) this step's gate gradients
+    float* dgh = dgi + S * G;                                          // (S, 3H) the same for gh
+    float* zero_row = dgh + S * G;                                     // (H,) dh_out when there is none
     if (dh_last != nullptr) {
-        std::memcpy(dh_carry.get(), dh_last, sizeof(float) * S * H);
+        std::memcpy(dh_carry, dh_last, sizeof(float) * S * H);
     } else {
-        std::memset(dh_carry.get(), 0, sizeof(float) * S * H);
+        std::memset(dh_carry, 0, sizeof(float) * S * H);
     }
-    std::memset(dh_mm.get(), 0, sizeof(float) * S * H);                    // no step after h_T
-    std::memset(zero_row.get(), 0, sizeof(float) * H);
+    std::memset(dh_mm, 0, sizeof(float) * S * H);                          // no step after h_T
+    std::memset(zero_row, 0, sizeof(float) * H);
     std::memset(db, 0, sizeof(float) * 4 * H);
     std::memset(dw_ih, 0, sizeof(float) * G * q.I);                        // accumulated below
     std::memset(dw_hh, 0, sizeof(float) * G * H);
     for (long t = q.T - 1; t >= 0; --t) {
         const float* h_prev = states + t * S * H;
         const float* x_t = x + t * q.x_t;
-        const float* out_rows = dh_out != nullptr ? dh_out + t * S * H : zero_row.get();
-        backward_step<float>(S, H, out_rows, dh_out != nullptr ? H : 0, dh_carry.get(), dh_mm.get(),
-                             saved + t * 4 * S * H, h_prev, dgi.get(), G, dgh.get(), db);
+        const float* out_rows = dh_out != nullptr ? dh_out + t * S * H : zero_row;
+        backward_step<float>(S, H, out_rows, dh_out != nullptr ? H : 0, dh_carry, dh_mm, saved + t * 4 * S * H,
+                             h_prev, dgi, G, dgh, db);
         if (dx != nullptr) {
-            gemm(sgemm, false, false, S, q.I, G, dgi.get(), G, w_ih, q.I, 0.0f, dx + t * q.x_t, q.x_s);  // dgi_t W_ih
+            gemm(sgemm, false, false, S, q.I, G, dgi, G, w_ih, q.I, 0.0f, dx + t * q.x_t, q.x_s);  // dgi_t W_ih
         }
-        gemm(sgemm, true, false, G, q.I, S, dgi.get(), G, x_t, q.x_s, 1.0f, dw_ih, q.I);  // dW_ih += dgi_t^T x_t
+        gemm(sgemm, true, false, G, q.I, S, dgi, G, x_t, q.x_s, 1.0f, dw_ih, q.I);     // dW_ih += dgi_t^T x_t
         if (t > 0) {                                                       // h_0 is a constant
-            gemm(sgemm, true, false, G, H, S, dgh.get(), G, h_prev, H, 1.0f, dw_hh, H);   // dW_hh += dgh_t^T h_{t-1}
-            gemm(sgemm, false, false, S, H, G, dgh.get(), G, w_hh, H, 0.0f, dh_mm.get(), H);  // reaches h_{t-1}
+            gemm(sgemm, true, false, G, H, S, dgh, G, h_prev, H, 1.0f, dw_hh, H);      // dW_hh += dgh_t^T h_{t-1}
+            gemm(sgemm, false, false, S, H, G, dgh, G, w_hh, H, 0.0f, dh_mm, H);       // reaches h_{t-1}
         }
     }
 }
@@ -234,7 +239,7 @@ void sequence_backward(sgemm_fn sgemm, const Sequence& q, const float* x, const 
 
 extern "C" {
 
-int fvae_gru_abi_version() { return 4; }
+int fvae_gru_abi_version() { return 5; }
 
 void fvae_gru_forward_step_f32(long S, long H, const float* gi, long gi_stride, const float* gh, const float* b_gi,
                                const float* b_hn, const float* h_prev, float* h, float* h_mm, float* saved) {
@@ -261,17 +266,17 @@ void fvae_gru_backward_step_bf16(long S, long H, const float* dh_out, long dh_ou
 
 void fvae_gru_forward_f32(void* sgemm, long S, long T, long H, long I, const float* x, long x_s, long x_t,
                           const float* w_ih, const float* w_hh, const float* b_gi, const float* b_hn, float* states,
-                          float* saved) {
+                          float* saved, float* work) {
     sequence_forward(reinterpret_cast<sgemm_fn>(sgemm), Sequence{S, T, H, I, x_s, x_t}, x, w_ih, w_hh, b_gi, b_hn,
-                     states, saved);
+                     states, saved, work);
 }
 
 void fvae_gru_backward_f32(void* sgemm, long S, long T, long H, long I, const float* x, long x_s, long x_t,
                            const float* w_ih, const float* w_hh, const float* states, const float* saved,
                            const float* dh_last, const float* dh_out, float* dx, float* dw_ih, float* dw_hh,
-                           float* db) {
+                           float* db, float* work) {
     sequence_backward(reinterpret_cast<sgemm_fn>(sgemm), Sequence{S, T, H, I, x_s, x_t}, x, w_ih, w_hh, states,
-                      saved, dh_last, dh_out, dx, dw_ih, dw_hh, db);
+                      saved, dh_last, dh_out, dx, dw_ih, dw_hh, db, work);
 }
 
 }  // extern "C"
