@@ -113,10 +113,15 @@ class _GRULayer(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def _row_strides(width: int, T: int, S: int, time_major: bool) -> tuple[int, int]:
+    """Rows of `width` values, one per (s, t) pair, s * T + t batch-first or t * S + s
+    time-major: (elements between stock s's rows, elements between time step t's rows)."""
+    return (width, S * width) if time_major else (T * width, width)
+
+
 def _x_strides(x: Tensor, T: int, S: int, time_major: bool) -> tuple[int, int]:
-    """(x_s, x_t): elements between stock s's rows and between time step t's rows of x."""
-    I = x.shape[-1]
-    return (I, S * I) if time_major else (T * I, I)
+    """(x_s, x_t) of the layer input x, as gru_cell.cpp's Sequence takes them."""
+    return _row_strides(x.shape[-1], T, S, time_major)
 
 
 def _forward_whole_sequence(x, w_ih, w_hh, b_gi, b_hn, T, S, time_major, sgemm, kernels):
@@ -236,10 +241,9 @@ class _StepRows:
     are (s, t) pairs in x's layout, s * T + t batch-first or t * S + s time-major."""
 
     def __init__(self, matrix: Tensor, T: int, S: int, time_major: bool):
-        width, itemsize = matrix.shape[1], matrix.element_size()
         self.base = matrix.data_ptr()
-        self.step_offset = (S * width if time_major else width) * itemsize
-        self.stride = width if time_major else T * width               # elements between a step's rows
+        self.stride, step_stride = _row_strides(matrix.shape[1], T, S, time_major)  # elements
+        self.step_offset = step_stride * matrix.element_size()         # bytes
 
     def pointer(self, t: int) -> int:
         return self.base + t * self.step_offset

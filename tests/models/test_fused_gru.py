@@ -85,7 +85,7 @@ def test_torchs_blas_is_found_where_torch_has_mkl():
     assert build.torch_sgemm() is not None
 
 
-def test_the_native_loop_follows_torchs_thread_setting(monkeypatch):
+def test_the_native_loop_matches_torch_with_two_threads():
     """With two threads (torch's BLAS may then split each product) the native loop still matches
     torch.nn.GRU."""
     reference, fused = _pair(16, 32)
