@@ -18,7 +18,8 @@ Measures, on a synthetic market prepared by `fvae-dist prepare` (cached under .b
   * eq. 4's GRU alone (forward + backward at S=300, fp32 and bf16): torch.nn.GRU against the
     models' FusedGRU, the share of the step that the GRU bounds
   * FactorVAE's loss after eq. 4 alone (eqs. 5-17, forward + backward at N=300, fp32): the
-    reference modules against the fused native pass (models/fused_head.py)
+    reference modules against the fused native pass (models/fused_head.py), with its three
+    products inside the native call and through torch
   * the 1-thread plain loop beside a busy neighbour process on the other core (compute-bound,
     then memory-bound): how much of Ray's overhead is shared cache and memory bandwidth
   * Ray's overhead against the plain loop at the same core count (the plain rows' best of three,
@@ -264,9 +265,12 @@ def gru_kernels(repeats: int, stocks: int = 300, steps: int = 20, hidden: int = 
 def head_kernel(repeats: int, stocks: int = 300) -> list:
     """Forward + backward of FactorVAE's loss after eq. 4 (eqs. 5-17) alone on one day's stocks,
     one thread: the reference modules (FactorVAE._loss) against the fused native pass
-    (models/fused_head.py), same weights and batch, attempts interleaved."""
+    (models/fused_head.py), the latter with its products inside the native call ("fused") and
+    through torch ("fused-torch-products"); same weights and batch, attempts interleaved."""
+    from fvae_dist.models import fused_head
     from fvae_dist.models.factorvae import ATTENTION_EPS, build_model
     from fvae_dist.models.fused_head import fused_loss, fused_loss_applies
+    from fvae_dist.native.build import torch_sgemm
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -276,7 +280,17 @@ def head_kernel(repeats: int, stocks: int = 300) -> list:
     y = 0.02 * torch.randn(1, stocks)
     paths = {"reference": lambda: model._loss(e, mask, y)}
     if fused_loss_applies(model, e):
-        paths["fused"] = lambda: fused_loss(model, e, mask, y, ATTENTION_EPS)
+        def fused(native_products: bool):
+            def run():
+                fused_head.native_products = native_products
+                try:
+                    return fused_loss(model, e, mask, y, ATTENTION_EPS)
+                finally:
+                    fused_head.native_products = True
+            return run
+        if torch_sgemm() is not None:
+            paths["fused"] = fused(True)
+        paths["fused-torch-products"] = fused(False)
     best = dict.fromkeys(paths, float("inf"))
     for _ in range(repeats):  # best of: the machine may be shared
         for name, loss in paths.items():
@@ -290,7 +304,7 @@ def head_kernel(repeats: int, stocks: int = 300) -> list:
     rows = []
     for name, seconds in best.items():
         rows.append({"implementation": name, "stocks": stocks, "ms": 1e3 * seconds})
-        print(f"head   {name:9s}: {1e3 * seconds:.2f} ms fwd+bwd of eqs. 5-17 for {stocks} stocks")
+        print(f"head   {name:20s}: {1e3 * seconds:.2f} ms fwd+bwd of eqs. 5-17 for {stocks} stocks")
     return rows
 
 

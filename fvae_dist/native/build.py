@@ -2,7 +2,8 @@
 
     load_gru_kernels() -> ctypes.CDLL | None     gru_cell.cpp: the fused GRU's step kernels
     torch_sgemm() -> int | None                  the address of the sgemm of torch's own BLAS, for
-                                                 gru_cell.cpp's whole-sequence loops
+                                                 gru_cell.cpp's whole-sequence loops and
+                                                 factor_head.cpp's whole step
     load_head_kernels() -> ctypes.CDLL | None    factor_head.cpp: FactorVAE's loss (eqs. 5-17) and
                                                  its gradient in one pass (models/fused_head.py)
     load_optim_kernels() -> ctypes.CDLL | None   adamw.cpp: AdamW's step and the gradient norm over all
@@ -206,6 +207,11 @@ def _declare_head(lib: ctypes.CDLL) -> None:
     lib.fvae_head_loss_and_grad.argtypes = [long, long, long, long, long, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                             single, single, single, single, ptr, ptr, ptr]
     lib.fvae_head_loss_and_grad.restype = None
+    lib.fvae_head_work_size.argtypes = [long, long, long, long, long]
+    lib.fvae_head_work_size.restype = long
+    lib.fvae_head_step_f32.argtypes = [ptr, long, long, long, long, long, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                       single, single, single, single, ptr, ptr, ptr, ptr, ptr]
+    lib.fvae_head_step_f32.restype = None
 
 
 def _declare_optim(lib: ctypes.CDLL) -> None:
@@ -234,7 +240,7 @@ def _unavailable(spec: NativeLibrary, reason: str) -> None:
 LIBRARIES = {
     "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 5, _declare_gru,
                          "using torch.nn.GRU"),
-    "head": NativeLibrary(Path(__file__).with_name("factor_head.cpp"), "fvae_head_abi_version", 1, _declare_head,
+    "head": NativeLibrary(Path(__file__).with_name("factor_head.cpp"), "fvae_head_abi_version", 2, _declare_head,
                           "computing FactorVAE's loss with the reference modules"),
     "optim": NativeLibrary(Path(__file__).with_name("adamw.cpp"), "fvae_optim_abi_version", 1, _declare_optim,
                            "stepping with torch's AdamW and clip_grad_norm_"),

@@ -16,16 +16,20 @@
 // Output: the loss terms per day, the factors' distributions, and the gradient of the loss
 // (mean over days of nll + gamma * kl, eq. 17) with respect to P, to e through the attention's
 // pooling (the only place e enters other than P), and to the small parameters below.
-// The caller turns dP into the gradients of e and of A with two more products.
+// The caller turns dP into the gradients of e and of A with two more products; or, where torch's
+// BLAS exports sgemm, fvae_head_step_f32 (at the end) does all of it in one call: A from the
+// parameters, the three products, this kernel, and every gradient in its parameter's layout.
 //
 // Padded slots (mask 0) are skipped everywhere and get zero gradients, as in the reference.
 // Every formula below names its equation; the gradients are derived by hand and checked
 // against torch.autograd on the reference modules (tests/models/test_fused_head.py).
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "fast_math.h"
+#include "row_major_gemm.h"
 
 namespace {
 
@@ -328,11 +332,149 @@ void one_day(const Sizes& sz, const Settings& st, const float* __restrict__ P, c
     }
 }
 
+// ---- the whole step, products included (fp32, through the BLAS's sgemm) ----------------------
+
+using fvae::gemm;
+using fvae::sgemm_fn;
+
+// The parameters folded into A, in the order fused_head.py passes them (and their gradients').
+enum LinearParam {
+    W_P,     // (M, H)     eq. 6, portfolio layer
+    B_P,     // (M)
+    W_HID,   // (H, H)     eq. 10, alpha's hidden layer
+    B_HID,   // (H)
+    W_BETA,  // (K, H)     eq. 11
+    B_BETA,  // (K)
+    QUERY,   // (K, H)     eq. 14, each head's query
+    W_KEY,   // (K, H, H)  eq. 14, each head's key map (out, in)
+    NUM_LINEAR_PARAMS
+};
+
+// Floats of the scratch memory full_step needs (fvae_head_work_size).
+long work_size(const Sizes& sz, long D) {
+    const long W = sz.width(), rows = D * sz.N;
+    return 2 * W * sz.H + 2 * rows * W + sz.K * sz.H;  // maps, d_maps; P, dP; q_unit
+}
+
+long small_param_size(const Sizes& sz, int p) {
+    const long H = sz.H, M = sz.M, K = sz.K;
+    switch (p) {
+        case POST_MU_W: case POST_SIGMA_W: return K * M;
+        case POST_MU_B: case POST_SIGMA_B: return K;
+        case ALPHA_MU_W: case ALPHA_SIGMA_W: case PRIOR_HIDDEN_B: case PRIOR_MU_W: case PRIOR_SIGMA_W: return H;
+        case W_VALUE: return K * H * H;
+        case PRIOR_HIDDEN_W: return H * H;
+        default: return 1;                                   // the scalar biases
+    }
+}
+
+// maps (W, H): row c is the weight vector whose dot product with e_i gives column c of P, so that
+// P = e maps^T + b. Its row blocks [ w_p | w_hid | w_beta | q.k | w_key ] are the parameters'
+// own row-major layouts (that is why it is A^T and not A): w_key (K, H, H) read as (K*H, H) is
+// every head's key rows; the q.k row of head k is w_key_k^T (q_k / |q_k|).
+void assemble_maps(const Sizes& sz, const float* const* lin, const float* __restrict__ q_unit,
+                   float* __restrict__ maps) {
+    const long H = sz.H, M = sz.M, K = sz.K;
+    std::memcpy(maps, lin[W_P], sizeof(float) * M * H);
+    std::memcpy(maps + sz.off_alpha() * H, lin[W_HID], sizeof(float) * H * H);
+    std::memcpy(maps + sz.off_beta() * H, lin[W_BETA], sizeof(float) * K * H);
+    std::memcpy(maps + sz.off_key() * H, lin[W_KEY], sizeof(float) * K * H * H);
+    for (long k = 0; k < K; ++k) {
+        float* qk_row = maps + (sz.off_qk() + k) * H;
+        std::memset(qk_row, 0, sizeof(float) * H);
+        for (long g = 0; g < H; ++g) axpy(q_unit[k * H + g], lin[W_KEY] + (k * H + g) * H, qk_row, H);
+    }
+}
+
+// d_maps (W, H) = dP^T e back to the parameters: the row blocks are their gradients, the q.k rows
+// reach the keys (d w_key_k += q_unit_k (x) d qk_k) and, through F.normalize, the queries.
+void scatter_d_maps(const Sizes& sz, const float* const* lin, const float* __restrict__ q_unit,
+                    const float* __restrict__ d_maps, float* const* d_lin) {
+    const long H = sz.H, M = sz.M, K = sz.K;
+    std::memcpy(d_lin[W_P], d_maps, sizeof(float) * M * H);
+    std::memcpy(d_lin[W_HID], d_maps + sz.off_alpha() * H, sizeof(float) * H * H);
+    std::memcpy(d_lin[W_BETA], d_maps + sz.off_beta() * H, sizeof(float) * K * H);
+    std::memcpy(d_lin[W_KEY], d_maps + sz.off_key() * H, sizeof(float) * K * H * H);
+    std::vector<float> d_unit(H);
+    for (long k = 0; k < K; ++k) {
+        const float* d_qk = d_maps + (sz.off_qk() + k) * H;             // (H)
+        const float* q = lin[QUERY] + k * H;
+        const float* u = q_unit + k * H;
+        float d_u_dot_u = 0.0f;
+        for (long g = 0; g < H; ++g) {
+            axpy(u[g], d_qk, d_lin[W_KEY] + (k * H + g) * H, H);
+            d_unit[g] = dot(lin[W_KEY] + (k * H + g) * H, d_qk, H);
+            d_u_dot_u += d_unit[g] * u[g];
+        }
+        // q_unit = q / max(|q|, 1e-12): d q = (d u - u (u . d u)) / |q|, or d u / 1e-12 below the floor
+        const float norm = std::sqrt(dot(q, q, H));
+        for (long g = 0; g < H; ++g) {
+            d_lin[QUERY][k * H + g] = norm > 1e-12f ? (d_unit[g] - u[g] * d_u_dot_u) / norm : d_unit[g] / 1e-12f;
+        }
+    }
+}
+
+// Everything fused_head.py's torch-product path does, in one call: maps (A^T) from the
+// parameters, P = e maps^T + b, the kernel for each day, de = de_pool + dP maps,
+// d_maps = dP^T e, the bias sums and d_maps back to the parameters. loss: eq. 17 averaged over days; means: (mean nll, mean kl).
+void full_step(sgemm_fn sgemm, const Sizes& sz, long D, const Settings& st, const float* e, const float* y,
+               const uint8_t* mask, const float* eps, const float* const* lin, const float* const* small,
+               float* const* d_lin, float* const* d_small, float* out, float* loss, float* means,
+               float* de, float* work) {
+    const long N = sz.N, H = sz.H, K = sz.K, W = sz.width(), rows = D * N;
+    float* maps = work;                                                 // (W, H)
+    float* d_maps = maps + W * H;                                       // (W, H)
+    float* P = d_maps + W * H;                                          // (D*N, W)
+    float* dP = P + rows * W;                                           // (D*N, W)
+    float* q_unit = dP + rows * W;                                      // (K, H)
+
+    for (long k = 0; k < K; ++k) {                                      // F.normalize(query)
+        const float* q = lin[QUERY] + k * H;
+        const float norm = std::sqrt(dot(q, q, H));
+        const float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
+        for (long g = 0; g < H; ++g) q_unit[k * H + g] = q[g] * inv;
+    }
+    assemble_maps(sz, lin, q_unit, maps);
+    gemm(sgemm, false, true, rows, W, H, e, H, maps, H, 0.0f, P, W);    // P = e maps^T
+    for (long i = 0; i < rows; ++i) {                                   // + b (the biased columns)
+        float* p = P + i * W;
+        for (long m = 0; m < sz.M; ++m) p[m] += lin[B_P][m];
+        for (long j = 0; j < H; ++j) p[sz.off_alpha() + j] += lin[B_HID][j];
+        for (long k = 0; k < K; ++k) p[sz.off_beta() + k] += lin[B_BETA][k];
+    }
+
+    for (int p = 0; p < NUM_PARAMS; ++p) std::memset(d_small[p], 0, sizeof(float) * small_param_size(sz, p));
+    double nll = 0.0, kl = 0.0;
+    for (long d = 0; d < D; ++d) {
+        float* day_out = out + d * (2 + 4 * K);
+        one_day(sz, st, P + d * N * W, e + d * N * H, y + d * N, mask + d * N, eps + d * K, small, d_small,
+                day_out, dP + d * N * W, de + d * N * H);
+        nll += day_out[0];
+        kl += day_out[1];
+    }
+    means[0] = static_cast<float>(nll / static_cast<double>(D));
+    means[1] = static_cast<float>(kl / static_cast<double>(D));
+    *loss = means[0] + st.gamma * means[1];                             // eq. 17, averaged over days
+
+    gemm(sgemm, false, false, rows, H, W, dP, W, maps, H, 1.0f, de, H);  // de = de_pool + dP maps
+    gemm(sgemm, true, false, W, H, rows, dP, W, e, H, 0.0f, d_maps, H);  // d_maps = dP^T e
+    std::memset(d_lin[B_P], 0, sizeof(float) * sz.M);
+    std::memset(d_lin[B_HID], 0, sizeof(float) * H);
+    std::memset(d_lin[B_BETA], 0, sizeof(float) * K);
+    for (long i = 0; i < rows; ++i) {                                   // bias gradients: column sums
+        const float* p = dP + i * W;
+        for (long m = 0; m < sz.M; ++m) d_lin[B_P][m] += p[m];
+        for (long j = 0; j < H; ++j) d_lin[B_HID][j] += p[sz.off_alpha() + j];
+        for (long k = 0; k < K; ++k) d_lin[B_BETA][k] += p[sz.off_beta() + k];
+    }
+    scatter_d_maps(sz, lin, q_unit, d_maps, d_lin);
+}
+
 }  // namespace
 
 extern "C" {
 
-int fvae_head_abi_version() { return 1; }
+int fvae_head_abi_version() { return 2; }
 
 // D days of N (padded) stocks. P: (D*N, M + H + 2K + K*H); e: (D*N, H); y: (D*N); mask: (D*N)
 // bytes; eps: (D, K) (zeros for the mean). params / grads: NUM_PARAMS pointers in Param's order;
@@ -349,6 +491,22 @@ void fvae_head_loss_and_grad(long D, long N, long H, long M, long K, const float
         one_day(sz, st, P + d * N * W, e + d * N * H, y + d * N, mask + d * N, eps + d * K, params, grads,
                 out + d * (2 + 4 * K), dP + d * N * W, de + d * N * H);
     }
+}
+
+// The whole training step of the head (full_step above): e (D*N, H), y (D*N), mask (D*N) bytes,
+// eps (D, K); lin / d_lin: NUM_LINEAR_PARAMS pointers in LinearParam's order, small / d_small:
+// NUM_PARAMS in Param's order (all gradients written in full). Writes out (D, 2 + 4K) as
+// fvae_head_loss_and_grad, loss (1), means (2): nll and kl averaged over days, and de (D*N, H).
+// work: fvae_head_work_size(D, N, H, M, K) floats.
+long fvae_head_work_size(long D, long N, long H, long M, long K) { return work_size(Sizes{N, H, M, K}, D); }
+
+void fvae_head_step_f32(void* sgemm, long D, long N, long H, long M, long K, const float* e, const float* y,
+                        const uint8_t* mask, const float* eps, const float* const* lin, const float* const* small,
+                        float* const* d_lin, float* const* d_small, float slope, float sigma_floor, float gamma,
+                        float att_eps, float* out, float* loss, float* means, float* de, float* work) {
+    const Settings st{slope, sigma_floor, gamma, 1.0f / static_cast<float>(D), att_eps};
+    full_step(reinterpret_cast<fvae::sgemm_fn>(sgemm), Sizes{N, H, M, K}, D, st, e, y, mask, eps, lin, small, d_lin,
+              d_small, out, loss, means, de, work);
 }
 
 }  // extern "C"

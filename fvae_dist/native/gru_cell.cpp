@@ -36,6 +36,7 @@
 #include <cstring>
 
 #include "fast_math.h"
+#include "row_major_gemm.h"
 
 namespace {
 
@@ -150,19 +151,8 @@ void backward_step(long S, long H, const float* __restrict__ dh_out, long dh_out
 
 // ---- whole sequences, fp32, products through the BLAS's sgemm -------------------------------
 
-// The Fortran BLAS sgemm (column-major, 32-bit integers), e.g. MKL's sgemm_.
-using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                          const int*, const float*, const int*, const float*, float*, const int*);
-
-// Row-major C (m, n) = op(A) op(B) + beta C, where op transposes when asked. A row-major matrix
-// is its transpose in column-major order, so this is the column-major C^T = op(B)^T op(A)^T.
-inline void gemm(sgemm_fn sgemm, bool transpose_a, bool transpose_b, long m, long n, long k, const float* a,
-                 long lda, const float* b, long ldb, float beta, float* c, long ldc) {
-    const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
-    const int LDA = static_cast<int>(lda), LDB = static_cast<int>(ldb), LDC = static_cast<int>(ldc);
-    const float one = 1.0f;
-    sgemm(transpose_b ? "T" : "N", transpose_a ? "T" : "N", &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, c, &LDC);
-}
+using fvae::gemm;
+using fvae::sgemm_fn;
 
 // The layer input x: (S, T, I) values, stock s's time step t at x + s * x_s + t * x_t (batch-first:
 // x_s = T * I, x_t = I; time-major: x_s = I, x_t = S * I).

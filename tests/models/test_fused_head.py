@@ -1,5 +1,7 @@
 """models/fused_head.py and native/factor_head.cpp: FactorVAE's fused loss against the reference
-modules of models/factorvae.py (FactorVAE._loss), value by value and gradient by gradient."""
+modules of models/factorvae.py (FactorVAE._loss), value by value and gradient by gradient, both
+ways the fused loss runs: the whole step in one native call through torch's sgemm, and the
+products through torch."""
 from __future__ import annotations
 
 import shutil
@@ -16,6 +18,23 @@ HAS_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not Non
 OUTPUTS = ("loss", "nll", "kl", "mu_post", "sigma_post", "mu_prior", "sigma_prior")
 
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused head is unavailable here")
+
+
+@pytest.fixture(params=["native_products", "torch_products"])
+def products(request, monkeypatch):
+    """Runs the test with the three products inside the native call, then through torch, and
+    checks afterwards that the path asked for is the one that ran."""
+    native = request.param == "native_products"
+    if native and build.torch_sgemm() is None:
+        pytest.skip("this torch exports no sgemm: only the torch-product path exists here")
+    monkeypatch.setattr(fused_head, "native_products", native)
+    ran = []
+    for name in ("_native_products", "_torch_products"):
+        real = getattr(fused_head, name)
+        monkeypatch.setattr(fused_head, name,
+                            lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
+    yield
+    assert ran and set(ran) == {"_" + request.param}, f"expected _{request.param} to run, ran {set(ran)}"
 
 
 def _model(seed: int = 0, **overrides) -> FactorVAE:
@@ -73,7 +92,7 @@ def test_the_head_kernel_builds_on_a_machine_with_a_compiler():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_outputs_and_every_gradient_match_the_reference_modules(one_thread, training):
+def test_outputs_and_every_gradient_match_the_reference_modules(one_thread, products, training):
     model = _model().train(training)
     e, mask, y = _head_batch([7, 12, 3], hidden=16, n_pad=15)
     assert fused_head.fused_loss_applies(model, e)
@@ -85,7 +104,7 @@ def test_outputs_and_every_gradient_match_the_reference_modules(one_thread, trai
     assert torch.equal(got_grads["e"][~mask], torch.zeros_like(got_grads["e"][~mask]))  # nothing at padding
 
 
-def test_gradients_scale_with_the_incoming_gradient(one_thread):
+def test_gradients_scale_with_the_incoming_gradient(one_thread, products):
     model = _model().train()
     e, mask, y = _head_batch([9, 4], hidden=16, n_pad=10)
     _, once = _loss_and_grads(model, _fused(model, mask, y), e)
@@ -94,7 +113,7 @@ def test_gradients_scale_with_the_incoming_gradient(one_thread):
         torch.testing.assert_close(thrice[name], 3.0 * once[name])
 
 
-def test_a_head_without_any_positive_cosine_falls_back_to_uniform_weights_in_both(one_thread):
+def test_a_head_without_any_positive_cosine_falls_back_to_uniform_weights_in_both(one_thread, products):
     # e >= 0 and head 0's query -(1, ..., 1) through an identity key map: every cosine of head 0
     # is negative, so eq. 14's ratio is 0/0 and the head averages the real stocks
     model = _model(seed=3).train()
@@ -132,7 +151,7 @@ def test_factorvae_takes_the_fused_path_only_where_it_applies(one_thread, monkey
     assert len(calls) == 1
 
 
-def test_a_training_step_gives_the_same_loss_and_gradients_with_and_without_it(one_thread, monkeypatch):
+def test_a_training_step_gives_the_same_loss_and_gradients_with_and_without_it(one_thread, products, monkeypatch):
     """The whole model, GRU included: what the fused path changes is only the arithmetic."""
     x = torch.randn(3, 8, 6, 4)
     mask = torch.rand(3, 8) > 0.3

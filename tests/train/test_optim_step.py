@@ -99,6 +99,35 @@ def test_a_checkpointed_state_continues_the_same_under_torch(lib):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_steps_after_the_state_or_a_parameter_is_replaced_use_the_new_tensors(lib):
+    """NativeAdamW keeps the rows it checked; a checkpoint loaded into the running optimizer
+    (new state tensors) or a parameter moved to new storage must not be stepped through them."""
+    ours, our_opt = _net_and_optimizer()
+    theirs, their_opt = _net_and_optimizer()
+    native = NativeAdamW(our_opt, lib)
+    for step in range(3):                                              # native from step 1: rows kept
+        for net in (ours, theirs):
+            _set_grads(net, 0, 1.0)
+        if not native.step(1.0):
+            _torch_step(ours, our_opt, 1.0)
+        _torch_step(theirs, their_opt, 1.0)
+    for step in range(3, 6):
+        if step == 3:
+            our_opt.load_state_dict(copy.deepcopy(our_opt.state_dict()))  # same values, new tensors
+        if step == 5:
+            ours[0].weight.data = ours[0].weight.data.clone()          # same values, new storage
+        for net in (ours, theirs):
+            _set_grads(net, 0, 1.0)
+        assert native.step(1.0)
+        _torch_step(theirs, their_opt, 1.0)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        sa, sb = our_opt.state[a], their_opt.state[b]
+        assert sa["step"].item() == sb["step"].item() == 6
+        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-5, atol=1e-10)
+
+
 def test_the_cpu_engine_steps_natively_and_like_torch(monkeypatch):
     from fvae_dist.config import load_config
     from fvae_dist.models.factorvae import build_model
