@@ -190,15 +190,21 @@ def model_config(precision: str = "fp32", batch_days: int = 1, extra: tuple = ()
 def train_flops_per_stock_day() -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fvae_dist.models import fused_head
     from fvae_dist.models.factorvae import build_model
 
     model = build_model(model_config().model)
-    # FlopCounterMode counts torch's ops: the GRU's native time loop runs its products outside
-    # torch, so count them on the Python loop, which runs the same products through torch
+    # FlopCounterMode counts torch's ops: the GRU's native time loop and the fused loss's native
+    # call run their products outside torch, so count them on the paths that run the same
+    # products through torch
     model.feature_extractor.gru.native_time_loop = False
     x, mask, y = torch.randn(1, 300, 20, 20), torch.ones(1, 300, dtype=torch.bool), torch.randn(1, 300)
-    with FlopCounterMode(display=False) as counter:
-        model(x, mask, y)["loss"].backward()
+    fused_head.native_products = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x, mask, y)["loss"].backward()
+    finally:
+        fused_head.native_products = True
     return counter.get_total_flops() / 300
 
 
