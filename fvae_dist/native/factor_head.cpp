@@ -416,7 +416,8 @@ void scatter_d_maps(const Sizes& sz, const float* const* lin, const float* __res
 
 // Everything fused_head.py's torch-product path does, in one call: maps (A^T) from the
 // parameters, P = e maps^T + b, the kernel for each day, de = de_pool + dP maps,
-// d_maps = dP^T e, the bias sums and d_maps back to the parameters. loss: eq. 17 averaged over days; means: (mean nll, mean kl).
+// d_maps = dP^T e, the bias sums and d_maps back to the parameters.
+// loss: eq. 17 averaged over days; means: (mean nll, mean kl).
 void full_step(sgemm_fn sgemm, const Sizes& sz, long D, const Settings& st, const float* e, const float* y,
                const uint8_t* mask, const float* eps, const float* const* lin, const float* const* small,
                float* const* d_lin, float* const* d_small, float* out, float* loss, float* means,
