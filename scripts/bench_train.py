@@ -34,6 +34,7 @@ seed) is scripts/bench_precision.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -190,7 +191,6 @@ def model_config(precision: str = "fp32", batch_days: int = 1, extra: tuple = ()
 def train_flops_per_stock_day() -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fvae_dist.models import fused_head
     from fvae_dist.models.factorvae import build_model
 
     model = build_model(model_config().model)
@@ -199,13 +199,22 @@ def train_flops_per_stock_day() -> float:
     # products through torch
     model.feature_extractor.gru.native_time_loop = False
     x, mask, y = torch.randn(1, 300, 20, 20), torch.ones(1, 300, dtype=torch.bool), torch.randn(1, 300)
-    fused_head.native_products = False
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(x, mask, y)["loss"].backward()
-    finally:
-        fused_head.native_products = True
+    with fused_loss_products(native=False), FlopCounterMode(display=False) as counter:
+        model(x, mask, y)["loss"].backward()
     return counter.get_total_flops() / 300
+
+
+@contextlib.contextmanager
+def fused_loss_products(native: bool):
+    """The fused loss's three products inside its native call (native=True) or through torch,
+    for the duration of the block (models/fused_head.py, native_products)."""
+    from fvae_dist.models import fused_head
+
+    previous, fused_head.native_products = fused_head.native_products, native
+    try:
+        yield
+    finally:
+        fused_head.native_products = previous
 
 
 def matmul_gflops(threads: int, size: int = 2048, repeats: int = 6) -> float:
@@ -273,7 +282,6 @@ def head_kernel(repeats: int, stocks: int = 300) -> list:
     one thread: the reference modules (FactorVAE._loss) against the fused native pass
     (models/fused_head.py), the latter with its products inside the native call ("fused") and
     through torch ("fused-torch-products"); same weights and batch, attempts interleaved."""
-    from fvae_dist.models import fused_head
     from fvae_dist.models.factorvae import ATTENTION_EPS, build_model
     from fvae_dist.models.fused_head import fused_loss, fused_loss_applies
     from fvae_dist.native.build import torch_sgemm
@@ -288,11 +296,8 @@ def head_kernel(repeats: int, stocks: int = 300) -> list:
     if fused_loss_applies(model, e):
         def fused(native_products: bool):
             def run():
-                fused_head.native_products = native_products
-                try:
+                with fused_loss_products(native=native_products):
                     return fused_loss(model, e, mask, y, ATTENTION_EPS)
-                finally:
-                    fused_head.native_products = True
             return run
         if torch_sgemm() is not None:
             paths["fused"] = fused(True)

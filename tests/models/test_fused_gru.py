@@ -10,6 +10,7 @@ import torch
 from fvae_dist.models import fused_gru
 from fvae_dist.models.fused_gru import FusedGRU
 from fvae_dist.native import build
+from tests.models.conftest import record_calls
 
 HAS_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
 
@@ -56,27 +57,14 @@ def test_the_fused_kernels_build_on_a_machine_with_a_compiler():
 def test_fp32_outputs_and_gradients_match_torch(one_thread, monkeypatch, shape, use_sequence, native_time_loop):
     stocks, steps, inputs, hidden, layers = shape
     reference, fused = _pair(inputs, hidden, layers, native_time_loop=native_time_loop)
-    loops = _count_loops(monkeypatch)
+    calls = record_calls(monkeypatch, fused_gru, "_forward_whole_sequence", "_forward_step_by_step")
     x = torch.randn(stocks, steps, inputs)
     expected, got = _run(reference, x, use_sequence), _run(fused, x, use_sequence)
     for name, a, b in zip(["output", "h_n", "dx"] + [n for n, _ in fused.named_parameters()], got, expected):
         assert a.shape == b.shape, name
         assert _relative_error(a, b) < 1e-5, name
-    ran = "native" if native_time_loop and build.torch_sgemm() is not None else "python"
-    assert loops == {ran: layers}, "the time loop ran somewhere other than expected"
-
-
-def _count_loops(monkeypatch) -> dict:
-    """Counts, by kind, the layers whose forward time loop ran natively or in Python."""
-    counts: dict = {}
-    for kind, name in (("native", "_forward_whole_sequence"), ("python", "_forward_step_by_step")):
-        original = getattr(fused_gru, name)
-
-        def counted(*args, kind=kind, original=original):
-            counts[kind] = counts.get(kind, 0) + 1
-            return original(*args)
-        monkeypatch.setattr(fused_gru, name, counted)
-    return counts
+    ran = "_forward_whole_sequence" if native_time_loop and build.torch_sgemm() is not None else "_forward_step_by_step"
+    assert calls == [ran] * layers, "the time loop ran somewhere other than expected"
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch without MKL may not export sgemm_")

@@ -13,6 +13,7 @@ from fvae_dist.models import factorvae as fvae_module
 from fvae_dist.models import fused_head
 from fvae_dist.models.factorvae import ATTENTION_EPS, FactorVAE, FactorVAEConfig
 from fvae_dist.native import build
+from tests.models.conftest import record_calls
 
 HAS_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
 OUTPUTS = ("loss", "nll", "kl", "mu_post", "sigma_post", "mu_prior", "sigma_prior")
@@ -28,11 +29,7 @@ def products(request, monkeypatch):
     if native and build.torch_sgemm() is None:
         pytest.skip("this torch exports no sgemm: only the torch-product path exists here")
     monkeypatch.setattr(fused_head, "native_products", native)
-    ran = []
-    for name in ("_native_products", "_torch_products"):
-        real = getattr(fused_head, name)
-        monkeypatch.setattr(fused_head, name,
-                            lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
+    ran = record_calls(monkeypatch, fused_head, "_native_products", "_torch_products")
     yield
     assert ran and set(ran) == {"_" + request.param}, f"expected _{request.param} to run, ran {set(ran)}"
 
