@@ -156,6 +156,12 @@ class TrainConfig:
     else through the process group; "process_group": always gloo. GPU workers and DeepSpeed
     always use their own collectives."""
 
+    cpu_kernels: str = "auto"
+    """Optional CPU fast paths (fvae_dist/accel/): "auto" uses every one that applies to the
+    run's device and precision, "off" none (the model and torch exactly as written), or a
+    comma-separated subset such as "gru" or "allocator". They never change the function trained,
+    only how fast a CPU computes it; GPU runs ignore them. Gains: docs/benchmarks.md."""
+
     audit_days: bool = False
     """Write <run>/audit/epoch-E-rank-R.json with the dates each worker trained on (a test and
     debugging aid: shows the workers' days are disjoint and their step counts equal)."""
@@ -177,6 +183,9 @@ class TrainConfig:
         _require(self.deepspeed_zero_stage in (0, 1, 2), "train.deepspeed_zero_stage", "0, 1 or 2", self.deepspeed_zero_stage)
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
         _require(self.allreduce in ALLREDUCE_MODES, "train.allreduce", f"one of {ALLREDUCE_MODES}", self.allreduce)
+        from fvae_dist.accel import enabled_paths
+
+        enabled_paths(self.cpu_kernels)  # ConfigError naming train.cpu_kernels when unknown
         _require(self.torch_threads >= 0, "train.torch_threads", "an integer >= 0 (0 = from ray.cpus_per_worker)", self.torch_threads)
 
 

@@ -26,8 +26,11 @@ stay finite; distributions and the loss are computed in float32 even under bf16 
 Mixed precision: under autocast only the feature extractor (eq. 4, the GRU over S*T rows: nearly
 all of the FLOPs) runs its products in bf16/fp16. Everything after it (eqs. 5-19) runs with
 autocast off, in the parameters' dtype: those are (N, H) x (H, H) products too small for bf16 to
-pay for the casts around them. Measured on one CPU core, 259 stocks, bf16: 8.5 ms per training
-step with the head in float32 against 9.6 ms with it under autocast.
+pay for the casts around them, and the softmax over thousands of stocks (eq. 6), the attention
+sums (eq. 14) and the likelihoods (eq. 17) keep float32's precision.
+
+This file is what training runs. Optional CPU fast paths (fvae_dist/accel/) may swap a module
+for an equivalent one after the model is built; nothing here imports them.
 """
 from __future__ import annotations
 
@@ -40,9 +43,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fvae_dist.errors import ConfigError, DataError
-from fvae_dist.models.fused_gru import FusedGRU
-from fvae_dist.models.fused_head import fused_loss, fused_loss_applies
-from fvae_dist.models.row_buckets import zero_rows_to_bucket
 
 VARIANTS = ("factorvae", "prior", "port")
 
@@ -155,22 +155,18 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.proj = nn.Linear(cfg.num_features, cfg.hidden_size)
         self.act = nn.LeakyReLU(cfg.leaky_slope)
-        # torch.nn.GRU with a faster CPU training path (models/fused_gru.py); same parameters
-        self.gru = FusedGRU(cfg.hidden_size, cfg.hidden_size, batch_first=True)
+        self.gru = nn.GRU(cfg.hidden_size, cfg.hidden_size, batch_first=True)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         D, N = mask.shape
-        # One fused GRU call over the real stocks of all days (S = mask.sum() sequences):
-        # padded slots cost nothing and whatever they hold never enters the network.
+        # One GRU call over the real stocks of all days (S = mask.sum() sequences): padded
+        # slots cost nothing and whatever they hold never enters the network.
         # Without padding (one day per step) no gather/scatter is needed.
         unpadded = bool(mask.all())
         x_real = x.flatten(0, 1) if unpadded else x[mask]              # (S, T, C)
-        S = x_real.shape[0]
-        if not unpadded:
-            x_real = zero_rows_to_bucket(x_real)  # (S', T, C): few distinct shapes, models/row_buckets.py
-        h_proj = self.act(self.proj(x_real.to(self.proj.weight.dtype)))  # (S', T, H)  eq. 4, first line
-        _, h_last = self.gru(h_proj)                                   # (1, S', H)  eq. 4, second line
-        e_real = h_last[0, :S]                                         # (S, H)     e = h_gru^(T)
+        h_proj = self.act(self.proj(x_real.to(self.proj.weight.dtype)))  # (S, T, H)  eq. 4, first line
+        _, h_last = self.gru(h_proj)                                   # (1, S, H)  eq. 4, second line
+        e_real = h_last[0]                                             # (S, H)     e = h_gru^(T)
         if unpadded:
             return e_real.unflatten(0, (D, N))                         # (D, N, H)
         e = e_real.new_zeros(D, N, e_real.shape[-1])                   # (D, N, H)
@@ -337,7 +333,7 @@ class GlobalAttention(nn.Module):
             K, H = w_key.shape[0], w_key.shape[1]
             k = (e @ w_key.permute(2, 0, 1).reshape(H, K * H)).unflatten(-1, (K, H))  # (D, N, K, H)  eq. 14, k_i
             # ||k_i|| as sqrt(k_i . k_i), clamped before the root: a zero key (padding) then has a
-            # finite gradient, and this is a third faster than k.norm() forward + backward
+            # finite gradient (k.norm() has none at 0)
             key_norm = torch.linalg.vecdot(k, k).clamp_min(ATTENTION_EPS**2).sqrt()  # (D, N, K)
             cos = q_dot_k / key_norm                                   # (D, N, K)  cos(q, k_i)
             score = torch.where(mask[..., None], cos.clamp_min(0.0), 0.0)  # (D, N, K)  max(0, cos)
@@ -424,14 +420,10 @@ class FactorVAE(nn.Module):
         y = torch.where(mask, y, torch.zeros_like(y)).float()         # (D, N) padding may hold NaN
         e = self.feature_extractor(x, mask)                            # (D, N, H)  eq. 4
         with self.head_precision(e) as e:
-            if fused_loss_applies(self, e):
-                # the same loss and gradients as _loss below in one native pass on CPU, about
-                # 0.6-0.9 ms faster a step (models/fused_head.py; checked against _loss in the tests)
-                return fused_loss(self, e, mask, y, ATTENTION_EPS)
             return self._loss(e, mask, y)
 
     def _loss(self, e: Tensor, mask: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Eqs. 5-17 on the feature extractor's e: the reference for models/fused_head.py."""
+        """Eqs. 5-17 on the feature extractor's e."""
         mu_prior, sigma_prior = self.predictor(e, mask)                # (D, K)     eqs. 13-16
         out = {"mu_prior": mu_prior.detach(), "sigma_prior": sigma_prior.detach()}
 

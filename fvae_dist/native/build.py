@@ -1,37 +1,18 @@
-"""Compile the native helpers on first use and load them with ctypes.
+"""Compile the shared-memory counters (shm_sync.cpp) on first use and load them with ctypes.
 
-    load_gru_kernels() -> ctypes.CDLL | None     gru_cell.cpp: the fused GRU's step kernels
-    torch_sgemm() -> int | None                  the address of the sgemm of torch's own BLAS, for
-                                                 gru_cell.cpp's whole-sequence loops and
-                                                 factor_head.cpp's whole step
-    load_head_kernels() -> ctypes.CDLL | None    factor_head.cpp: FactorVAE's loss (eqs. 5-17) and
-                                                 its gradient in one pass (models/fused_head.py)
-    load_optim_kernels() -> ctypes.CDLL | None   adamw.cpp: AdamW's step and the gradient norm over all
-                                                 tensors in one call each (train/optim_step.py)
-    load_shm_sync()    -> ctypes.CDLL | None     shm_sync.cpp: the cross-process counters of the
-                                                 shared-memory all-reduce and step flags
-                                                 (train/shm_allreduce.py)
-Each returns None (with one warning) when unavailable.
+    load_shm_sync() -> ctypes.CDLL | None     the cross-process counters of the shared-memory
+                                              all-reduce and step flags (train/shm_allreduce.py);
+                                              None (with one warning) when unavailable
 
-The library is built with the machine's C++ compiler (g++ or $CXX) for the machine's own CPU
-(-march=native) and cached under $FVAE_DIST_NATIVE_CACHE, else ~/.cache/fvae-dist/native. The
-cache key covers the source, the shared headers (*.h here), the compiler, the flags and the
-CPU's feature flags, so a cache directory shared between different machines never hands one a
-library built for another.
-Several processes (Ray workers) may build at once: each writes its own temporary file and
-renames it into place, so a reader never sees a half-written library.
-
-No compiler, a failed build or FVAE_DIST_FUSED_GRU=0 all mean the same thing to callers: the
-kernels are unavailable and the models use torch.nn.GRU (same function, slower); likewise
-FVAE_DIST_FUSED_HEAD=0 (or no kernels) means FactorVAE's loss runs through the reference
-modules of models/factorvae.py, and FVAE_DIST_NATIVE_OPTIM=0 that torch's AdamW and
-clip_grad_norm_ step the weights; without shm_sync, DDP averages gradients through its process
-group (gloo), as torch does by default.
+The library is built with the machine's C++ compiler (g++ or $CXX) and cached under
+$FVAE_DIST_NATIVE_CACHE, else ~/.cache/fvae-dist/native; the cache key covers the source, the
+compiler, the flags and the CPU's feature flags. Several processes may build at once: each
+writes its own temporary file and renames it into place. Without it, DDP averages gradients
+through its process group (gloo), as torch does by default.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -47,9 +28,6 @@ from typing import Callable
 # -fopenmp-simd: honour "#pragma omp simd reduction" (vectorised dot products) without OpenMP's
 # threads or runtime library
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd")
-DISABLE_ENV = "FVAE_DIST_FUSED_GRU"
-DISABLE_HEAD_ENV = "FVAE_DIST_FUSED_HEAD"
-DISABLE_OPTIM_ENV = "FVAE_DIST_NATIVE_OPTIM"
 CACHE_ENV = "FVAE_DIST_NATIVE_CACHE"
 
 
@@ -64,48 +42,6 @@ class NativeLibrary:
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
-
-
-def load_gru_kernels() -> ctypes.CDLL | None:
-    """The compiled GRU kernels, or None when they are disabled or cannot be built here."""
-    if _disabled(DISABLE_ENV):
-        return None
-    return _load("gru")
-
-
-def load_head_kernels() -> ctypes.CDLL | None:
-    """The compiled FactorVAE loss kernel, or None when it is disabled or cannot be built here."""
-    if _disabled(DISABLE_HEAD_ENV):
-        return None
-    return _load("head")
-
-
-def load_optim_kernels() -> ctypes.CDLL | None:
-    """The compiled AdamW step and gradient norm, or None when disabled or unavailable here."""
-    if _disabled(DISABLE_OPTIM_ENV):
-        return None
-    return _load("optim")
-
-
-@functools.cache
-def torch_sgemm() -> int | None:
-    """The address of sgemm_ (Fortran BLAS, 32-bit integers) in the BLAS torch itself runs its
-    float32 products on (MKL, linked into libtorch_cpu on x86), or None where torch's libraries
-    do not export one. Calling torch's own BLAS keeps its thread settings (torch.set_num_threads)
-    and its arithmetic; another BLAS found on the system would have neither."""
-    import torch
-
-    for library in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu*.so*")):
-        try:
-            symbol = getattr(ctypes.CDLL(str(library)), "sgemm_")
-        except (OSError, AttributeError):
-            continue
-        return ctypes.cast(symbol, ctypes.c_void_p).value
-    return None
-
-
-def _disabled(variable: str) -> bool:
-    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def load_shm_sync() -> ctypes.CDLL | None:
@@ -184,44 +120,6 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _declare_gru(lib: ctypes.CDLL) -> None:
-    """Argument types, so ctypes passes 64-bit integers and pointers correctly."""
-    long, ptr = ctypes.c_long, ctypes.c_void_p
-    for suffix in ("f32", "bf16"):
-        forward = getattr(lib, f"fvae_gru_forward_step_{suffix}")
-        forward.argtypes = [long, long, ptr, long, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-        forward.restype = None
-        backward = getattr(lib, f"fvae_gru_backward_step_{suffix}")
-        backward.argtypes = [long, long, ptr, long, ptr, ptr, ptr, ptr, ptr, long, ptr, ptr]
-        backward.restype = None
-    lib.fvae_gru_forward_f32.argtypes = [ptr, long, long, long, long, ptr, long, long, ptr, ptr, ptr, ptr, ptr, ptr,
-                                         ptr]
-    lib.fvae_gru_forward_f32.restype = None
-    lib.fvae_gru_backward_f32.argtypes = [ptr, long, long, long, long, ptr, long, long, ptr, ptr, ptr, ptr, ptr, ptr,
-                                          ptr, ptr, ptr, ptr, ptr]
-    lib.fvae_gru_backward_f32.restype = None
-
-
-def _declare_head(lib: ctypes.CDLL) -> None:
-    long, ptr, single = ctypes.c_long, ctypes.c_void_p, ctypes.c_float
-    lib.fvae_head_loss_and_grad.argtypes = [long, long, long, long, long, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                                            single, single, single, single, ptr, ptr, ptr]
-    lib.fvae_head_loss_and_grad.restype = None
-    lib.fvae_head_work_size.argtypes = [long, long, long, long, long]
-    lib.fvae_head_work_size.restype = long
-    lib.fvae_head_step_f32.argtypes = [ptr, long, long, long, long, long, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                                       single, single, single, single, ptr, ptr, ptr, ptr, ptr]
-    lib.fvae_head_step_f32.restype = None
-
-
-def _declare_optim(lib: ctypes.CDLL) -> None:
-    long, ptr, double = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
-    lib.fvae_sum_of_squares.argtypes = [long, ptr, ptr]
-    lib.fvae_sum_of_squares.restype = double
-    lib.fvae_adamw_step.argtypes = [long, ptr, ptr, ptr, ptr, ptr, ptr, double, double, double, double, double, double]
-    lib.fvae_adamw_step.restype = None
-
-
 def _declare_shm(lib: ctypes.CDLL) -> None:
     lib.fvae_shm_publish.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.fvae_shm_publish.restype = None
@@ -238,12 +136,6 @@ def _unavailable(spec: NativeLibrary, reason: str) -> None:
 
 
 LIBRARIES = {
-    "gru": NativeLibrary(Path(__file__).with_name("gru_cell.cpp"), "fvae_gru_abi_version", 5, _declare_gru,
-                         "using torch.nn.GRU"),
-    "head": NativeLibrary(Path(__file__).with_name("factor_head.cpp"), "fvae_head_abi_version", 2, _declare_head,
-                          "computing FactorVAE's loss with the reference modules"),
-    "optim": NativeLibrary(Path(__file__).with_name("adamw.cpp"), "fvae_optim_abi_version", 1, _declare_optim,
-                           "stepping with torch's AdamW and clip_grad_norm_"),
     "shm": NativeLibrary(Path(__file__).with_name("shm_sync.cpp"), "fvae_shm_abi_version", 2, _declare_shm,
                          "averaging gradients through the process group"),
 }

@@ -38,15 +38,16 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from fvae_dist import accel
 from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict, write_text_atomic
 from fvae_dist.data.feeder import EpochStream, feeder_for
 from fvae_dist.data.stream import iter_day_batches, within_block_seed
 from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train.core_layout import available_cpus, cpu_list_text, pin_training_thread
-from fvae_dist.train.cpu_memory import keep_freed_memory, minor_faults_this_thread, preemptions_this_thread
 from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
 from fvae_dist.train.tensorboard import RunEvents
+from fvae_dist.train.thread_stats import minor_faults_this_thread, preemptions_this_thread
 from fvae_dist.train.validation import evaluate, to_device
 
 METRICS_FILE = "metrics.json"
@@ -87,11 +88,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     pin_training_thread(cores[rank] if cores else None)
 
     torch.set_num_threads(intra_op_threads(cfg))
-    keep_freed_memory()  # see train/cpu_memory.py: page faults of big per-step tensors
     device = ray.train.torch.get_device()
+    accel.prepare_worker_process(cfg.train.cpu_kernels, device.type)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     builder = loop_config.get("model_builder") or _default_builder
-    engine = build_engine(builder(cfg.model), cfg, device, world)
+    # the model as written, then the optional CPU fast paths swapped in (train.cpu_kernels)
+    model = accel.prepare_model(builder(cfg.model), cfg.train.cpu_kernels, device.type)
+    engine = build_engine(model, cfg, device, world)
     best_weights = None
 
     state = TrainState()
@@ -205,7 +208,7 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
         "data_wait_fraction": all_waited / all_elapsed if all_elapsed > 0 else 0.0,
         "step_fraction": all_stepping / all_elapsed if all_elapsed > 0 else 0.0,
         # the training thread's page faults; hundreds or more per step mean the allocator
-        # returns memory to the kernel between steps (train/cpu_memory.py)
+        # returns memory to the kernel between steps (accel/memory.py)
         "minor_faults_per_step": all_faults / per_step,
         # the training thread losing its CPU to other threads (train/core_layout.py)
         "preemptions_per_step": all_preemptions / per_step,

@@ -26,13 +26,13 @@ import ray.train
 import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from fvae_dist import accel
 from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, write_text_atomic
 from fvae_dist.data.shards import load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_dataset, epoch_seed, grouped_days, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, FvaeError
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train import core_layout, ray_logging
-from fvae_dist.train.cpu_memory import WORKER_ENV_VARS
 from fvae_dist.train.loop import METRICS_FILE, intra_op_threads, train_loop_per_worker
 
 CONFIG_FILE = "config.yaml"
@@ -130,6 +130,8 @@ def build_trainer(
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
+    device_type = "cuda" if cfg.ray.use_gpu else "cpu"
+    accel.build_ahead(cfg.train.cpu_kernels, device_type)  # workers on this node then find it built
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -148,8 +150,7 @@ def build_trainer(
             ),
             callbacks=list(callbacks) or None,
             logging_config=ray.train.LoggingConfig(log_level=cfg.ray.log_level.upper()),
-            # every worker thread in glibc's main arena: see train/cpu_memory.py
-            worker_runtime_env={"env_vars": dict(WORKER_ENV_VARS)},
+            worker_runtime_env={"env_vars": accel.worker_env_vars(cfg.train.cpu_kernels, device_type)},
         ),
         datasets=datasets,
         dataset_config=DaySplitConfig(equal_split=("train",)),

@@ -11,7 +11,6 @@ from torch.distributions import Normal, kl_divergence
 from fvae_dist.errors import ConfigError
 from fvae_dist.models import VARIANTS, FactorVAE, FactorVAEConfig, build_model
 from fvae_dist.models.factorvae import gaussian_kl, gaussian_nll
-from fvae_dist.models.row_buckets import ROW_BUCKET, zero_rows_to_bucket
 from tests.models.batches import assert_rejects_bad_batches, make_batch, train_on_random_days, widen_batch
 
 SMALL = FactorVAEConfig(num_features=4, seq_len=5, hidden_size=12, num_factors=3, num_portfolios=6)
@@ -265,7 +264,7 @@ def test_a_day_gives_the_same_outputs_alone_or_batched_and_padded(variant, garba
     torch.testing.assert_close(batched["loss"], torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_padded_batches_reach_the_gru_with_their_rows_rounded_up_to_zero_sequences():
+def test_padded_batches_reach_the_gru_with_only_their_real_stocks():
     model = small_model()
     seen = []
     hook = model.feature_extractor.gru.register_forward_hook(lambda gru, inputs, output: seen.append(inputs[0]))
@@ -275,19 +274,49 @@ def test_padded_batches_reach_the_gru_with_their_rows_rounded_up_to_zero_sequenc
     model(x1, mask1, y1)
     hook.remove()
     padded, single = seen
-    assert padded.shape[0] == ROW_BUCKET * math.ceil(18 / ROW_BUCKET)
-    extractor = model.feature_extractor                        # the added rows are zero windows:
-    zero_window = extractor.act(extractor.proj(torch.zeros(1, 1, x.shape[-1])))
-    torch.testing.assert_close(padded[18:], zero_window.expand_as(padded[18:]))
-    assert single.shape[0] == 9
+    assert padded.shape[0] == 18 and single.shape[0] == 9
+    assert torch.isfinite(padded).all()                        # the NaN padding never entered
 
 
-def test_zero_rows_to_bucket_appends_zeros_up_to_a_multiple():
-    for rows in (1, ROW_BUCKET - 1, ROW_BUCKET, ROW_BUCKET + 1):
-        x = torch.randn(rows, 3, 2)
-        out = zero_rows_to_bucket(x)
-        assert out.shape == (ROW_BUCKET * math.ceil(rows / ROW_BUCKET), 3, 2)
-        assert torch.equal(out[:rows], x) and not out[rows:].any()
+def test_a_day_of_thousands_of_stocks_is_exact_and_memory_linear_in_n():
+    """A day of the paper's universe (all A-shares: up to ~3,900 stocks): float32 loss and
+    prediction agree with a float64 copy of the same model (whose feature extractor and layers
+    run in float64; the distributions are float32 by design), the portfolio (eq. 6) and attention
+    (eq. 14) weights still sum to one, and nothing saved for backward grows like N^2."""
+    N = 4000
+    cfg = dataclasses.replace(SMALL, num_features=20, seq_len=20, hidden_size=16, num_factors=4, num_portfolios=16)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    exact = build_model(cfg).double().eval()
+    exact.load_state_dict(model.state_dict())
+    x, mask, y = make_batch([N - 300, N], T=20, C=20, seed=3)  # two days, one padded by 300 slots
+
+    largest = [0]
+
+    def pack(tensor):
+        largest[0] = max(largest[0], tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x, mask, y)
+    out["loss"].backward()
+    # every saved activation is at most (stocks x T x a few H): linear in N, never (N, N)
+    assert largest[0] <= 2 * N * cfg.seq_len * 3 * cfg.hidden_size
+    out64 = exact(x.double(), mask, y.double())
+    assert torch.isfinite(out["loss"])
+    torch.testing.assert_close(out["loss"].double(), out64["loss"].double(), rtol=1e-4, atol=1e-5)
+
+    with torch.no_grad():
+        mu, sigma = model.predict(x, mask)
+        mu64, sigma64 = exact.predict(x.double(), mask)
+        torch.testing.assert_close(mu.double(), mu64.double(), rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(sigma.double(), sigma64.double(), rtol=1e-3, atol=1e-5)
+        e = model.feature_extractor(x, mask)
+        portfolio = model.encoder.portfolios.weights(e, mask)          # (D, N, M)
+        attention = model.predictor.attention.weights(e, mask)         # (D, N, K)
+    for weights in (portfolio, attention):
+        torch.testing.assert_close(weights.sum(dim=1), torch.ones(2, weights.shape[-1]), rtol=0, atol=1e-5)
+        assert not weights[~mask].any()                                # nothing on padded slots
 
 
 def test_padding_garbage_gives_finite_gradients():

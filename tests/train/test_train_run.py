@@ -20,7 +20,6 @@ from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.cli import main as cli_main
 from fvae_dist.errors import DataError
-from fvae_dist.train.cpu_memory import WORKER_ENV_VARS
 from fvae_dist.train.engine import deepspeed_safe_globals
 from fvae_dist.train.predict import predict_split
 from fvae_dist.native.build import load_shm_sync
@@ -279,16 +278,19 @@ def test_one_worker_runs_repeat_exactly_from_the_seed(ray_local, toy_dir, storag
 
 
 @pytest.mark.timeout(300)
-def test_workers_start_with_the_allocator_environment(ray_local, toy_dir, storage):
-    """train/cpu_memory.py: glibc reads MALLOC_ARENA_MAX at process start, so the worker must be
-    started with it; the stand-in builder runs inside the worker and reports what it sees."""
+@pytest.mark.parametrize("cpu_kernels, expected", [("auto", "MALLOC_ARENA_MAX=1"), ("off", "MALLOC_ARENA_MAX=None")])
+def test_workers_start_with_the_allocator_environment_only_when_asked(ray_local, toy_dir, storage, cpu_kernels,
+                                                                       expected):
+    """accel/memory.py: glibc reads MALLOC_ARENA_MAX at process start, so the worker must be
+    started with it (train.cpu_kernels=auto), and without it when the fast paths are off; the
+    stand-in builder runs inside the worker and reports what it sees."""
     def reporting_builder(model_cfg):
         import os
 
-        raise DataError("worker env: " + " ".join(f"{k}={os.environ.get(k)}" for k in sorted(WORKER_ENV_VARS)))
+        raise DataError(f"worker env: MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX')}")
 
-    cfg = load_config(None, tiny_overrides(toy_dir, storage, "worker-env", "train.epochs=1", "ray.num_workers=1"))
-    expected = " ".join(f"{k}={v}" for k, v in sorted(WORKER_ENV_VARS.items()))
+    cfg = load_config(None, tiny_overrides(toy_dir, storage, f"worker-env-{cpu_kernels}", "train.epochs=1",
+                                           "ray.num_workers=1", f"train.cpu_kernels={cpu_kernels}"))
     with pytest.raises(DataError, match=f"worker env: {expected}$"):
         train(cfg, model_builder=reporting_builder)
 

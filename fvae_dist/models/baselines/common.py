@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from fvae_dist.models.factorvae import check_batch, masked_mean_over_stocks  # noqa: F401  (re-exported)
-from fvae_dist.models.row_buckets import zero_rows_to_bucket
 
 
 def scatter_to_days(values: Tensor, mask: Tensor) -> Tensor:
@@ -90,7 +89,4 @@ class PerStockModel(PointForecastBaseline):
 
     def scores(self, x: Tensor, mask: Tensor) -> Tensor:
         x_real = x[mask].to(input_dtype(self))                         # (S, T, C) real stocks only
-        S = x_real.shape[0]
-        if not bool(mask.all()):                                       # several days: few shapes
-            x_real = zero_rows_to_bucket(x_real)                       # (S', T, C), models/row_buckets.py
-        return scatter_to_days(self.score_real(x_real)[:S].float(), mask)  # (D, N), 0 at padding
+        return scatter_to_days(self.score_real(x_real).float(), mask)  # (D, N), 0 at padding

@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fvae_dist.models.baselines.common import PerStockModel
-from fvae_dist.models.fused_gru import FusedGRU
 
 
 class GRUEncoder(nn.Module):
@@ -15,7 +14,7 @@ class GRUEncoder(nn.Module):
         super().__init__()
         # nn.GRU applies dropout between layers only; with one layer it would only warn
         dropout = cfg.dropout if cfg.num_layers > 1 else 0.0
-        self.gru = FusedGRU(cfg.num_features, cfg.hidden_size, num_layers=cfg.num_layers,
+        self.gru = nn.GRU(cfg.num_features, cfg.hidden_size, num_layers=cfg.num_layers,
                           dropout=dropout, batch_first=True)
 
     def forward(self, x_real: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""The allocator settings of training workers (train/cpu_memory.py) keep a worker thread's big
-per-step buffers mapped: a thread reallocating them does not page-fault on every pass."""
+"""The allocator path (accel/memory.py) keeps a worker thread's big per-step buffers mapped: a
+thread reallocating them does not page-fault on every pass."""
 from __future__ import annotations
 
 import json
@@ -10,14 +10,17 @@ import sys
 
 import pytest
 
-from fvae_dist.train.cpu_memory import WORKER_ENV_VARS, minor_faults_this_thread
+from fvae_dist.accel.memory import worker_env_vars
+
+WORKER_ENV_VARS = worker_env_vars()
 
 # A "step" in a thread other than the main one (where Ray Train runs the training function):
 # allocate six 16 MiB tensors (more than one 64 MiB secondary-arena heap), write them, free them.
 STEPS_IN_A_THREAD = r"""
 import json, threading
 import torch
-from fvae_dist.train.cpu_memory import keep_freed_memory, minor_faults_this_thread
+from fvae_dist.accel.memory import keep_freed_memory
+from fvae_dist.train.thread_stats import minor_faults_this_thread
 torch.set_num_threads(1)
 keep_freed_memory()
 result = {}
@@ -59,47 +62,3 @@ def test_worker_environment_keeps_a_threads_buffers_mapped():
     # step (measured: 6,144 faults a step, a quarter of the pages, every time)
     assert default > 0.1 * PAGES_PER_STEP, default
     assert worker < 0.02 * PAGES_PER_STEP, worker
-
-
-def test_minor_faults_this_thread_counts_this_threads_faults():
-    import mmap
-
-    before = minor_faults_this_thread()
-    fresh = mmap.mmap(-1, 8 << 20)  # 8 MiB of fresh anonymous pages (not from the heap)
-    for offset in range(0, len(fresh), 4096):
-        fresh[offset] = 1
-    faults = minor_faults_this_thread() - before
-    fresh.close()
-    assert faults >= 0.9 * (8 << 20) / 4096 or not sys.platform.startswith("linux"), faults
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity to share one CPU")
-def test_preemptions_this_thread_counts_losing_the_cpu_to_another_process():
-    import threading
-    import time
-
-    from fvae_dist.train.cpu_memory import preemptions_this_thread
-
-    cpu = min(os.sched_getaffinity(0))
-    hog = subprocess.Popen([sys.executable, "-c", f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
-                            "t = time.time()\nwhile time.time() - t < 30: pass"])
-    counted = {}
-
-    def spin_beside_it():
-        os.sched_setaffinity(0, {cpu})
-        before = preemptions_this_thread()
-        t = time.time()
-        while time.time() - t < 1.0:
-            pass
-        counted["preemptions"] = preemptions_this_thread() - before
-
-    try:
-        time.sleep(0.3)  # the hog is running on `cpu`
-        thread = threading.Thread(target=spin_beside_it)
-        thread.start()
-        thread.join()
-    finally:
-        hog.kill()
-        hog.wait()
-    # two busy threads on one CPU: the scheduler switches between them every few milliseconds
-    assert counted["preemptions"] >= 10, counted
