@@ -152,11 +152,12 @@ def compute_features(panel: PricePanel, names: Sequence[str] = ALPHA158_20) -> d
     """Features by name, float32 [days, instruments]; NaN outside each instrument's first..last bar."""
     n_days, n_inst = panel.close.shape
     out = {name: np.empty((n_days, n_inst), dtype=np.float32) for name in names}
+    first, last = _life_from_panel(panel)
 
     def write(name: str, cols: slice, values: np.ndarray) -> None:
-        out[name][:, cols] = values.T
+        out[name][:, cols] = np.where(_alive(first[cols], last[cols], n_days), values, np.nan).T
 
-    _compute(panel, names, _life_from_panel(panel), write)
+    _compute(panel, names, (first, last), write)
     return out
 
 
@@ -216,7 +217,8 @@ def _life_from_panel(panel: PricePanel) -> tuple[np.ndarray, np.ndarray]:
 def _compute(panel: PricePanel, names: Sequence[str], life: tuple[np.ndarray, np.ndarray],
              write: Callable[[str, slice, np.ndarray], None]) -> None:
     """Compute the features chunk by chunk of instruments; write(name, instrument slice, values) receives
-    each chunk's float32 [instruments, days] values, NaN outside each instrument's life."""
+    each chunk's [instruments, days] values (float32 or float64; days outside an instrument's life are
+    meaningless and must be masked or skipped)."""
     unknown = [name for name in names if name not in FEATURES]
     if unknown:
         raise ConfigError(f"unknown feature name(s) {unknown}; known: {sorted(FEATURES)}")
@@ -229,5 +231,4 @@ def _compute(panel: PricePanel, names: Sequence[str], life: tuple[np.ndarray, np
         chunk = Chunk({**fields, "vwap": vwap}, life[0][cols], life[1][cols], plan)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             for name in names:
-                values = np.where(chunk.alive, FEATURES[name].compute(chunk), np.nan).astype(np.float32, copy=False)
-                write(name, cols, values)
+                write(name, cols, FEATURES[name].compute(chunk))

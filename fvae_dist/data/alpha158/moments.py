@@ -26,24 +26,26 @@ _CANCELLATION_LIMIT = 1e-8
 def trailing_sums(values: np.ndarray, windows: Sequence[int]) -> dict[int, np.ndarray]:
     """Sum of the last w values along axis 1 (nothing before the start), for each w in `windows`.
 
-    Sums over 1, 2, 4, ... days come from doubling, and a window of w days adds the pieces that its
-    binary digits name; every result is thus a direct sum of w values, not a difference of running sums.
+    Each window's sum adds two shorter spans already summed (Alpha158's 60 = 30 + 30, 30 = 20 + 10,
+    20 = 10 + 10, 10 = 5 + 5, 5 = 3 + 2, ...), so every result is a direct (tree) sum of w values, not a
+    difference of running sums, and shared spans are summed once.
     """
-    levels = {1: values}
-    span = 1
-    while 2 * span <= max(windows):
-        levels[2 * span] = add_shifted(levels[span], levels[span], span)
-        span *= 2
-    sums = {}
-    for w in windows:
-        pieces = [1 << b for b in reversed(range(w.bit_length())) if w >> b & 1]
-        total = levels[pieces[0]]
-        offset = pieces[0]
-        for piece in pieces[1:]:
-            total = add_shifted(total, levels[piece], offset)
-            offset += piece
-        sums[w] = total
-    return sums
+    spans = {1: values}
+    for w in sorted(set(windows)):
+        _span_sum(spans, w)
+    return {w: spans[w] for w in windows}
+
+
+def _span_sum(spans: dict[int, np.ndarray], w: int) -> np.ndarray:
+    """The sum over w days, from two known spans when there are such, else from halves built first."""
+    if w not in spans:
+        recent = next((a for a in sorted(spans, reverse=True) if a < w and w - a in spans), None)
+        if recent is None:
+            recent = w - w // 2
+            _span_sum(spans, recent)
+            _span_sum(spans, w // 2)
+        spans[w] = add_shifted(spans[recent], spans[w - recent], recent)
+    return spans[w]
 
 
 def add_shifted(recent: np.ndarray, earlier: np.ndarray, lag: int) -> np.ndarray:

@@ -109,19 +109,33 @@ def rolling_quantiles(values: np.ndarray, windows: Sequence[int], levels: Sequen
     out = {}
     for w in windows:
         padded = np.concatenate([np.full((n_inst, w - 1), np.nan, dtype=values.dtype), values], axis=1)
-        ordered = np.sort(sliding_window_view(padded, w, axis=1), axis=-1)   # NaN sort last
+        ordered = np.ascontiguousarray(sliding_window_view(padded, w, axis=1))
+        ordered.sort(axis=-1)                          # NaN sort last
         n = counts[w]
+        full = n == w
+        partial = np.nonzero(~full & (n > 0))          # windows with fewer valid values: their own positions
         out[w] = {}
         for q in levels:
-            exact = q * (n - 1)                        # pandas: idx_with_fraction = quantile * (nobs - 1)
-            low = np.floor(np.maximum(exact, 0)).astype(np.intp)
-            high = np.minimum(low + 1, np.maximum(n - 1, 0).astype(np.intp))
-            v_low = np.take_along_axis(ordered, low[..., None], axis=-1)[..., 0].astype(np.float64)
-            v_high = np.take_along_axis(ordered, high[..., None], axis=-1)[..., 0].astype(np.float64)
-            fraction = exact - low
-            value = np.where(fraction == 0, v_low, v_low + (v_high - v_low) * fraction)
-            out[w][q] = np.where(n > 0, value, np.nan)
+            # a full window's order statistics sit at the same places in every window
+            exact = q * (w - 1)
+            low = int(np.floor(exact))
+            value = _interpolated(ordered[..., low], ordered[..., min(low + 1, w - 1)], exact - low)
+            value = np.where(full, value, np.nan)
+            if len(partial[0]):
+                exact = q * (n[partial] - 1)
+                low = np.floor(exact).astype(np.intp)
+                rows = ordered[partial]
+                at = np.arange(len(rows))
+                value[partial] = _interpolated(rows[at, low], rows[at, np.minimum(low + 1, w - 1)], exact - low)
+            out[w][q] = value
     return out
+
+
+def _interpolated(v_low: np.ndarray, v_high: np.ndarray, fraction) -> np.ndarray:
+    """pandas' linear interpolation, float64: idx_with_fraction = quantile * (nobs - 1), the lower order
+    statistic alone where that is whole, else lower + (higher - lower) * fraction."""
+    v_low, v_high = v_low.astype(np.float64), v_high.astype(np.float64)
+    return np.where(fraction == 0, v_low, v_low + (v_high - v_low) * fraction)
 
 
 def rolling_rank(values: np.ndarray, windows: Sequence[int]) -> dict[int, np.ndarray]:
