@@ -145,12 +145,11 @@ class Chunk:
     def moments(self, group: str, window: int) -> mom.Moments:
         """Moments of a series (or 'a+b' pair, or 'close_on_time': the close regressed on its position
         in the window) over `window`; all planned windows at once."""
-        if group == "close_on_time":
-            series, on_time = [self.close], True
-        else:
-            series, on_time = None, False
-        return self._all_windows(group, window, lambda ws: mom.window_moments(
-            series or [self.series(name) for name in group.split("+")], on_time, ws))
+        def compute(windows: list[int]) -> dict[int, mom.Moments]:
+            if group == "close_on_time":
+                return mom.window_moments([self.close], True, windows)
+            return mom.window_moments([self.series(name) for name in group.split("+")], False, windows)
+        return self._all_windows(group, window, compute)
 
     def own_std(self, name: str, window: int) -> np.ndarray:
         """Rolling std of one series over its own valid days (Qlib's Std), taken from a planned group that
