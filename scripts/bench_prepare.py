@@ -4,6 +4,9 @@ Cases (each in a fresh subprocess so its peak RSS is its own):
   csi300_features  the features + label over every stock of ../shared/data/cn_csi300 (compare:
                    Qlib's expression engine took 22 s for the 20 features over 751 stocks on 2 cores;
                    for another feature set pass Qlib's own time, measured beside it, as --qlib-seconds)
+  csi300_compute   the same features held in memory as one frame (read the Parquet, compute): what
+                   Qlib's D.features does, for a side-by-side timing (`fvae-dist features` also validates
+                   the table and writes zstd Parquet)
   csi300_prepare   the whole prepare of that data (Qlib benchmark splits)
   synthetic_large  prepare of a synthetic market of 4,000 stocks x 3,000 days (all A-shares)
   cn_all_prepare   prepare of ../shared/data/cn_all (all A-shares, the paper's split); only when named
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,11 +31,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CSI300 = (REPO / ".." / "shared" / "data" / "cn_csi300").resolve()
-CN_ALL = (REPO / ".." / "shared" / "data" / "cn_all").resolve()
+SHARED = Path(os.environ.get("FVAE_SHARED_DIR") or REPO / ".." / "shared").resolve()  # as tests/conftest.py
+CSI300 = SHARED / "data" / "cn_csi300"
+CN_ALL = SHARED / "data" / "cn_all"
 PAPER_SPLITS = {"train": ("2010-01-01", "2017-12-31"), "valid": ("2018-01-01", "2018-12-31"),
                 "test": ("2019-01-01", "2020-12-31")}
-DEFAULT_CASES = ("csi300_features", "csi300_prepare", "synthetic_large")
+DEFAULT_CASES = ("csi300_features", "csi300_compute", "csi300_prepare", "synthetic_large")
 QLIB_SECONDS_751_STOCKS = 22.0  # measured with pyqlib 0.9.7 on this machine class (see the issue)
 
 
@@ -47,6 +52,13 @@ def run_case(case: str, workdir: str, quick: bool, feature_set: str) -> dict:
         n_rows = write_feature_table(source, Path(workdir) / "features.parquet", None, None,
                                      feature_set=feature_set, progress=False)
         info = {"rows": n_rows, "instruments": len(source.instruments)}
+    elif case == "csi300_compute":
+        from fvae_dist.data.features import features_frame
+
+        bars = pd.read_parquet(CSI300 / "stocks_daily.parquet")
+        calendar = pd.read_csv(CSI300 / "calendar.csv").iloc[:, 0].to_numpy()
+        frame = features_frame(bars, feature_set, calendar=calendar)
+        info = {"rows": len(frame), "instruments": int(frame["instrument"].nunique()), "columns": frame.shape[1] - 2}
     elif case == "csi300_prepare":
         source = open_source(str(CSI300 / "stocks_daily.parquet"), membership=str(CSI300 / "csi300_membership.csv"))
         result = prepare_dataset(source, Path(workdir) / "ds", splits=PAPER_SPLITS, feature_set=feature_set,
@@ -106,9 +118,10 @@ def main() -> None:
     if qlib_seconds is None and args.feature_set == "alpha158_20":
         qlib_seconds = QLIB_SECONDS_751_STOCKS
     summary = {"feature_set": args.feature_set, "cases": results, "qlib_reference_s": qlib_seconds}
-    features = next((r for r in results if r["case"] == "csi300_features"), None)
-    if features and qlib_seconds:
-        summary["speedup_vs_qlib_features"] = round(qlib_seconds / features["wall_s"], 1)
+    for case in ("csi300_features", "csi300_compute"):
+        row = next((r for r in results if r["case"] == case), None)
+        if row and qlib_seconds:
+            summary[f"speedup_vs_qlib_{case.removeprefix('csi300_')}"] = round(qlib_seconds / row["wall_s"], 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
