@@ -332,6 +332,24 @@ def with_overrides(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> Exper
     return config_from_dict(data, source="overrides")
 
 
+def with_data_features(cfg: ExperimentConfig, manifest: Mapping, manifest_path: str | Path) -> ExperimentConfig:
+    """cfg with model.num_features (C) from the data set: 0, the default, takes the number of features
+    its manifest lists; a number given must agree with it (ConfigError otherwise)."""
+    features = list(manifest.get("features") or [])
+    if not features:
+        raise ConfigError(f"{manifest_path}: lists no features; expected a data set written by `fvae-dist prepare`")
+    given = cfg.model.num_features
+    if given == 0:
+        return with_overrides(cfg, {"model.num_features": len(features)})
+    if given != len(features):
+        raise ConfigError(
+            f"model.num_features={given}, but the data set's {manifest_path} lists {len(features)} features "
+            f"(feature set {manifest.get('feature_set', '?')}); leave model.num_features at 0 to take the data "
+            f"set's, or set {len(features)}"
+        )
+    return cfg
+
+
 def config_to_dict(cfg: ExperimentConfig) -> dict:
     """Nested plain data (lists for tuples) that YAML, JSON and torch.load(weights_only) accept."""
     return {section: _plain(dataclasses.asdict(getattr(cfg, section))) for section in SECTIONS}

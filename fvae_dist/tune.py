@@ -813,7 +813,7 @@ def results_markdown(rows: Sequence[TrialRow], keys: Sequence[str], spec: Campai
 
 def _check_data(spec: CampaignSpec, manifest: dict) -> None:
     features = manifest.get("features") or []
-    if features and len(features) != spec.base.model.num_features:
+    if features and spec.base.model.num_features not in (0, len(features)):  # 0: the data set's
         raise ConfigError(f"{spec.source}: model.num_features={spec.base.model.num_features}, but the data set "
                           f"{spec.base.data.dataset_dir} has {len(features)} features; set base.overrides "
                           f"model.num_features: {len(features)}")

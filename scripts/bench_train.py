@@ -184,7 +184,7 @@ def load_days(dataset: Path) -> list:
 
 
 def model_config(precision: str = "fp32", batch_days: int = 1, extra: tuple = ()):
-    return load_config(None, ["model.hidden_size=64", "model.num_factors=8", "model.num_portfolios=64",
+    return load_config(None, ["model.num_features=20", "model.hidden_size=64", "model.num_factors=8", "model.num_portfolios=64",
                               f"train.precision={precision}", f"data.batch_days={batch_days}", *extra])
 
 

@@ -157,3 +157,33 @@ def test_presets_load(preset):
     cfg = load_config(PRESETS / preset)
     assert cfg.data.dataset_dir
     assert cfg.ray.num_workers * cfg.ray.cpus_per_worker <= 1.0 or preset != "demo.yaml"
+
+
+def test_num_features_comes_from_the_data_sets_manifest():
+    from fvae_dist.config import with_data_features
+
+    manifest = {"features": ["KLEN", "KLOW", "ROC60"], "feature_set": "mine"}
+    cfg = load_config(None)
+    assert cfg.model.num_features == 0                    # the default: as many as the data set has
+    assert with_data_features(cfg, manifest, "ds/manifest.json").model.num_features == 3
+    given = load_config(None, ["model.num_features=3"])
+    assert with_data_features(given, manifest, "ds/manifest.json") == given
+    with pytest.raises(ConfigError, match=r"model\.num_features=20.*ds/manifest\.json lists 3 features.*mine"):
+        with_data_features(load_config(None, ["model.num_features=20"]), manifest, "ds/manifest.json")
+    with pytest.raises(ConfigError, match="lists no features"):
+        with_data_features(cfg, {}, "ds/manifest.json")
+    for bad in ("-1", "true", "2.5"):
+        with pytest.raises(ConfigError, match=r"model\.num_features"):
+            load_config(None, [f"model.num_features={bad}"])
+
+
+def test_train_refuses_a_num_features_the_data_set_does_not_have_before_ray_starts(capsys, tmp_path):
+    from fvae_dist.cli import main
+    from tests.train.toy_dataset import write_toy_dataset
+
+    dataset = write_toy_dataset(tmp_path / "ds", n_features=4)
+    assert main(["train", f"data.dataset_dir={dataset}", "model.num_features=20",
+                 f"ray.storage_path={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.num_features=20" in err and "lists 4 features" in err
+    assert not (tmp_path / "runs").exists()

@@ -5,6 +5,8 @@ from fvae_dist.commands.source_args import add_source_arguments, open_source_fro
 
 
 def add_parser(subparsers) -> None:
+    from fvae_dist.data.features import FEATURE_SETS
+
     parser = subparsers.add_parser(
         "features",
         help="write raw (unprocessed) features and LABEL0 to one Parquet file",
@@ -15,7 +17,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output Parquet file")
     parser.add_argument("--start", default=None, help="first date (YYYY-MM-DD), default: first trading day")
     parser.add_argument("--end", default=None, help="last date (YYYY-MM-DD), default: last trading day")
-    parser.add_argument("--feature-set", default="alpha158_20")
+    parser.add_argument("--feature-set", default="alpha158_20", choices=sorted(FEATURE_SETS),
+                        help="alpha158_20 (default): the 20 Alpha158 features of the paper and Qlib's time-series "
+                        "benchmarks; alpha158: all 158, in Qlib's order")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 

@@ -5,6 +5,7 @@ from fvae_dist.commands.source_args import add_source_arguments, open_source_fro
 
 
 def add_parser(subparsers) -> None:
+    from fvae_dist.data.features import FEATURE_SETS
     from fvae_dist.data.prepare import DEFAULT_SHARD_ROWS
 
     parser = subparsers.add_parser(
@@ -19,7 +20,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--valid", default=None, help="START:END")
     parser.add_argument("--test", default=None, help="START:END")
     parser.add_argument("--seq-len", type=int, default=20, help="days per window T (default 20)")
-    parser.add_argument("--feature-set", default="alpha158_20")
+    parser.add_argument("--feature-set", default="alpha158_20", choices=sorted(FEATURE_SETS),
+                        help="alpha158_20 (default): the 20 Alpha158 features of the paper and Qlib's time-series "
+                        "benchmarks; alpha158: all 158, in Qlib's order")
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="target stock-days per shard")
     parser.add_argument("--chunk-size", type=int, default=256, help="instruments per processing chunk (memory bound)")
     parser.add_argument("--no-progress", action="store_true")

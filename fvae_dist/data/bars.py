@@ -3,6 +3,7 @@
 Every source hands out the same long frames, a few hundred instruments at a time:
 
     date (datetime64[ns]), instrument (str), open, high, low, close, volume, factor (float64)
+    [, vwap, amount]  (float64, only when the source has them: VWAP0's input, see `bar_vwap`)
 
 sorted by (instrument, date), each chunk holding the complete history (within [start, end]) of its
 instruments, so feature code never has to stitch an instrument together across chunks. `factor` is 1.0
@@ -37,6 +38,8 @@ PRICE_COLUMNS = ("open", "high", "low", "close")
 BAR_COLUMNS = (*PRICE_COLUMNS, "volume")
 REQUIRED_COLUMNS = ("date", "instrument", *BAR_COLUMNS)
 OUTPUT_COLUMNS = ("date", "instrument", *BAR_COLUMNS, "factor")
+# read when present: the volume-weighted average price (as given, or from the traded amount)
+OPTIONAL_COLUMNS = ("vwap", "amount")
 MEMBERSHIP_COLUMNS = ("instrument", "start_date", "end_date")
 
 # Up to this many bytes of input are hashed by content; above it, path + size + mtime stand in
@@ -118,7 +121,50 @@ def bars_frame(days: np.ndarray, instruments: np.ndarray, values: dict[str, np.n
     for name in (*BAR_COLUMNS, "factor"):
         column = values.get(name)
         frame[name] = np.ones(n) if column is None else np.asarray(column, dtype=np.float64)
+    for name in OPTIONAL_COLUMNS:
+        if name in values:
+            frame[name] = np.asarray(values[name], dtype=np.float64)
     return frame
+
+
+def bar_vwap(bars: pd.DataFrame) -> np.ndarray | None:
+    """Each bar's volume-weighted average price on the scale of the price columns: Qlib's $vwap.
+
+    Qlib's convention (its data collectors): prices, vwap included, are back-adjusted (raw price x
+    factor); the traded amount is the raw value in currency. So a `vwap` column is taken as it is (it
+    must be adjusted like open/high/low/close), and without one vwap = amount / volume * factor, from
+    `amount` and the raw share volume (amount / volume is the raw vwap). NaN on a day with volume 0 (a
+    suspension trades nothing). None when the bars have neither column: VWAP0 is then NaN, as Qlib's.
+    """
+    if "vwap" in bars.columns:
+        column = "vwap"
+        vwap = pd.to_numeric(bars["vwap"], errors="raise").to_numpy(dtype=np.float64)
+    elif "amount" in bars.columns:
+        column = "amount"
+        amount = pd.to_numeric(bars["amount"], errors="raise").to_numpy(dtype=np.float64)
+        volume = pd.to_numeric(bars["volume"], errors="raise").to_numpy(dtype=np.float64)
+        factor = bars["factor"].to_numpy(dtype=np.float64) if "factor" in bars.columns else 1.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vwap = np.where(volume > 0, amount / volume * factor, np.nan)
+    else:
+        return None
+    _check_vwap_scale(vwap, bars, column)
+    return vwap
+
+
+def _check_vwap_scale(vwap: np.ndarray, bars: pd.DataFrame, column: str) -> None:
+    """A vwap lies between the day's low and high: far from the close on a typical day, the units are off."""
+    ratio = vwap / bars["close"].to_numpy(dtype=np.float64)
+    ratio = ratio[np.isfinite(ratio)]
+    if ratio.size == 0:
+        return
+    typical = float(np.median(ratio))
+    if not 0.5 <= typical <= 2.0:
+        hint = ("expected vwap on the scale of the adjusted prices" if column == "vwap" else
+                "expected amount as the traded value in currency and volume in shares (not lots), "
+                "so that amount / volume * factor is the adjusted vwap")
+        raise DataError(f"bars column {column!r}: the vwap it gives is {typical:.3g}x the close on a typical day; "
+                        f"{hint}")
 
 
 def fingerprint_files(paths: list[Path], extra: str = "") -> str:
@@ -234,6 +280,7 @@ class LongTableSource:
             self._parquet_path = Path(self._tmpdir) / "table.parquet"
         scan = _TableScan(self.path, csv_copy_to=self._parquet_path if self._is_csv else None)
         self._has_factor = scan.has_factor
+        self._optional = scan.optional
         self._ids = scan.ids
         self._row_group_ids = scan.row_group_ids
         self._row_group_days = scan.row_group_days
@@ -280,7 +327,7 @@ class LongTableSource:
             for g, (g_ids, (d0, d1)) in enumerate(zip(self._row_group_ids, self._row_group_days))
             if d1 >= lo and d0 <= hi and wanted[g_ids].any()
         ]
-        columns = [*REQUIRED_COLUMNS] + (["factor"] if self._has_factor else [])
+        columns = [*REQUIRED_COLUMNS] + (["factor"] if self._has_factor else []) + self._optional
         parts: list[tuple] = []
         reader = pq.ParquetFile(self._parquet_path)
         for batch in reader.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups, columns=columns):
@@ -353,7 +400,8 @@ class _TableScan:
     def _columns(self, found: list[str]) -> list[str]:
         check_columns(found, REQUIRED_COLUMNS, str(self.path))
         self.has_factor = "factor" in found
-        return [*REQUIRED_COLUMNS] + (["factor"] if self.has_factor else [])
+        self.optional = [c for c in OPTIONAL_COLUMNS if c in found]
+        return [*REQUIRED_COLUMNS] + (["factor"] if self.has_factor else []) + self.optional
 
     def _scan_parquet(self) -> None:
         try:
@@ -493,8 +541,8 @@ class _TableScan:
 def _check_values(bars: _Bars, path: Path, where, first_row: int) -> None:
     for name, values in bars.values.items():
         present = ~np.isnan(values)
-        if name == "volume":
-            ok, expected = (values >= 0) & np.isfinite(values), "a volume >= 0 (NaN for a missing value)"
+        if name in ("volume", "amount"):
+            ok, expected = (values >= 0) & np.isfinite(values), f"a {name} >= 0 (NaN for a missing value)"
         else:
             ok, expected = (values > 0) & np.isfinite(values), "a positive price (NaN for a missing bar)"
             if name == "factor":

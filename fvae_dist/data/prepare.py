@@ -34,21 +34,22 @@ from tqdm.auto import tqdm
 
 from fvae_dist import __version__
 from fvae_dist.data.features import FEATURE_SETS, LABEL_NAME, features_frame
-from fvae_dist.data.processors import apply_robust_zscore, cs_rank_norm, fit_robust_zscore
+from fvae_dist.data.processors import RobustZScore, apply_robust_zscore, cs_rank_norm, fit_robust_zscore
 from fvae_dist.data.shards import FORMAT_VERSION, MANIFEST_NAME
 from fvae_dist.data.splits import Splits, resolve_splits
 from fvae_dist.errors import ConfigError, DataError
 
-# Every Alpha158 feature here looks back at most 61 rows (CORD60: a 60-day window of 1-day
-# changes); reading this many extra days before the first window makes the features identical to
-# a computation over the full history. (One exception, harmless after clipping: in an all-zero
+# Every Alpha158 feature looks back at most 61 rows (CORD60, CNTP60, SUMP60, VSUMP60, WVMA60: a
+# 60-day window of 1-day changes); reading this many extra days before the first window makes the
+# features identical to a computation over the full history. (One exception, harmless after clipping: in an all-zero
 # volume window Qlib's VSTD/WVMA are pandas' rounding leftovers divided by 1e-12, which depend
 # on where the series starts.)
 FEATURE_LOOKBACK_DAYS = 64
 LABEL_HORIZON_DAYS = 2  # y_t = close[t+2] / close[t+1] - 1
-DEFAULT_SHARD_ROWS = 200_000  # ~20 MB uncompressed with 20 features: tens of MB, good for streaming
+DEFAULT_SHARD_ROWS = 200_000  # ~20 MB uncompressed with 20 features, ~130 MB with 158: good for streaming
 RAW_ROW_GROUP = 65_536
 EXCLUDED_LIST_LIMIT = 2_000  # the manifest lists excluded instruments up to this many, else only count + hash
+FIT_READ_BYTES = 256 * 1024**2  # the normalisation fit reads as many feature columns at once as fit in this
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def iter_feature_frames(source, feature_set: str, start, end, chunk_size: int = 
 
     Bars are read from FEATURE_LOOKBACK_DAYS before `start` (so rolling windows are complete)
     to LABEL_HORIZON_DAYS after `end` (so the label of `end` is known when the data has it);
-    the frames are cut back to [start, end].
+    the frames hold the rows of [start, end] only.
     """
     calendar = np.asarray(source.calendar, dtype="datetime64[D]")
     i_start = int(np.searchsorted(calendar, np.datetime64(start, "D")))
@@ -76,10 +77,8 @@ def iter_feature_frames(source, feature_set: str, start, end, chunk_size: int = 
     for bars in tqdm(chunks, total=n_chunks, desc="features", unit="chunk", disable=not progress):
         if bars.empty:
             continue
-        frame = features_frame(bars, feature_set=feature_set, calendar=window_calendar)
-        dates = frame["date"].to_numpy(dtype="datetime64[D]")
-        keep = (dates >= calendar[i_start]) & (dates <= calendar[i_end])
-        yield frame.loc[keep].reset_index(drop=True), bars
+        yield features_frame(bars, feature_set=feature_set, calendar=window_calendar,
+                             span=(calendar[i_start], calendar[i_end])), bars
 
 
 def write_feature_table(source, out_path, start, end, feature_set: str = "alpha158_20", progress: bool = True) -> int:
@@ -352,15 +351,23 @@ def _fit_normalisation(raw: ds.Dataset, features: list[str], splits: Splits, exc
     )
     if len(excluded):
         train_rows &= ~ds.field("instrument").isin(pa.array(list(excluded), type=pa.string()))
-    columns = {}
-    for name in features:  # one column at a time keeps memory at one float column of the train span
-        columns[name] = raw.to_table(columns=[name], filter=train_rows).column(name).to_numpy(zero_copy_only=False)
-        columns[name] = columns[name].astype(np.float32)
-    if not columns or len(next(iter(columns.values()))) == 0:
+    n_rows = raw.count_rows(filter=train_rows)
+    if n_rows == 0:
         without = f" without the {len(excluded)} excluded instrument(s)" if len(excluded) else ""
         raise DataError(f"--train {splits.train[0]}..{splits.train[1]}: no universe stock-days{without} to fit "
                         "the normalisation on")
-    return fit_robust_zscore(columns)
+    # a few float32 columns of the training rows at a time: memory stays bounded whatever the feature count
+    per_read = max(1, FIT_READ_BYTES // (4 * n_rows))
+    median, scale = {}, {}
+    for first in range(0, len(features), per_read):
+        names = features[first: first + per_read]
+        table = raw.to_table(columns=names, filter=train_rows)
+        fitted = fit_robust_zscore({name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+                                    for name in names})
+        del table
+        median.update(fitted.median)
+        scale.update(fitted.scale)
+    return RobustZScore(median=median, scale=scale, clip=fitted.clip)
 
 
 def _write_shards(raw, tmp, features, splits, seq_len, shard_rows, stats, calendar, progress):
@@ -430,11 +437,11 @@ def _shard_frame(frame: pd.DataFrame, features, stats, own_start, own_end) -> pd
     return frame[["date", "instrument", *features, "label", "label_norm", "in_universe"]]
 
 
-def _read_range(raw: ds.Dataset, start, end) -> pd.DataFrame:
+def _read_range(raw: ds.Dataset, start, end, columns: list[str] | None = None) -> pd.DataFrame:
     rows = (ds.field("date") >= pa.scalar(np.datetime64(start, "ms"))) & (
         ds.field("date") <= pa.scalar(np.datetime64(end, "ms"))
     )
-    return raw.to_table(filter=rows).to_pandas()
+    return raw.to_table(columns=columns, filter=rows).to_pandas()
 
 
 def _universe_rows_per_day(raw: ds.Dataset) -> pd.Series:
@@ -459,7 +466,7 @@ def _group_days(days: pd.Series, shard_rows: int) -> Iterator[list]:
 def _distinct_rows(raw: ds.Dataset, shards: list[dict]) -> int:
     first = min(np.datetime64(entry["halo_start"]) for entry in shards)
     last = max(np.datetime64(entry["own_end"]) for entry in shards)
-    return len(_read_range(raw, first, last)[["date", "instrument"]]) if shards else 0
+    return len(_read_range(raw, first, last, columns=["date"])) if shards else 0
 
 
 def _dir_bytes(path: Path) -> int:

@@ -53,14 +53,18 @@ def fit_robust_zscore(columns: dict[str, np.ndarray], clip: float = 3.0) -> Robu
 
 
 def apply_robust_zscore(frame: pd.DataFrame, stats: RobustZScore) -> pd.DataFrame:
-    """Normalise, clip and Fillna(0) the feature columns in place; returns the frame."""
-    for name, med in stats.median.items():
+    """The frame with its feature columns normalised, clipped and Fillna(0) (float32); other columns as they were."""
+    names = list(stats.median)
+    normalised = np.empty((len(frame), len(names)), dtype=np.float32, order="F")
+    for j, name in enumerate(names):
         values = frame[name].to_numpy(dtype=np.float64)
         # inf (e.g. a ratio over a zero volume) is as uninformative as NaN: both become 0 below
         values = np.where(np.isfinite(values), values, np.nan)
-        z = np.clip((values - med) / stats.scale[name], -stats.clip, stats.clip)
-        frame[name] = np.nan_to_num(z, nan=0.0).astype(np.float32)
-    return frame
+        z = np.clip((values - stats.median[name]) / stats.scale[name], -stats.clip, stats.clip)
+        normalised[:, j] = np.nan_to_num(z, nan=0.0)
+    # one block for all features (assigning 158 columns one by one would fragment the frame)
+    features = pd.DataFrame(normalised, index=frame.index, columns=names, copy=False)
+    return pd.concat([frame.drop(columns=names), features], axis=1)[list(frame.columns)]
 
 
 def cs_rank_norm(values: np.ndarray, day_codes: np.ndarray) -> np.ndarray:

@@ -8,8 +8,9 @@ Layout (Qlib's `dump_bin` format, used by its community A-share data sets):
         little-endian float32: value 0 = index of the first day in calendars/day.txt,
         then one value per calendar day from there (NaN = no value that day)
 
-Fields read: open, high, low, close, volume, and factor when present (1.0 otherwise). A day whose
-close is NaN has no bar and is dropped. Values are returned as stored (no re-adjustment).
+Fields read: open, high, low, close, volume, factor when present (1.0 otherwise) and vwap when present
+(VWAP0's input; Qlib's $vwap is adjusted like the prices). A day whose close is NaN has no bar and is
+dropped. Values are returned as stored (no re-adjustment).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from fvae_dist.data.bars import (
 )
 from fvae_dist.errors import DataError
 
-FIELDS = (*BAR_COLUMNS, "factor")
+OPTIONAL_FIELDS = ("factor", "vwap")
+FIELDS = (*BAR_COLUMNS, *OPTIONAL_FIELDS)
 _LAYOUT = "calendars/day.txt, instruments/<market>.txt, features/<code>/<field>.day.bin"
 
 
@@ -47,7 +49,7 @@ class QlibBinSource:
         else:
             self.membership = _read_market_file(self._membership_path)
         self.instruments = sorted(set(self.membership["instrument"]))
-        self._has_factor = {code: self._check_bins(code) for code in self.instruments}
+        self._optional = {code: self._check_bins(code) for code in self.instruments}
         self._fingerprint: str | None = None
 
     def iter_chunks(self, instruments_per_chunk: int = 256, start=None, end=None) -> Iterator[pd.DataFrame]:
@@ -68,7 +70,7 @@ class QlibBinSource:
         if self._fingerprint is None:
             files = [self.root / "calendars" / "day.txt", self._membership_path]
             for code in self.instruments:
-                fields = FIELDS if self._has_factor[code] else BAR_COLUMNS
+                fields = (*BAR_COLUMNS, *self._optional[code])
                 files += [self._bin_path(code, field) for field in fields]
             self._fingerprint = fingerprint_files(files, extra=f"qlib|{self.market}")
         return self._fingerprint
@@ -76,15 +78,16 @@ class QlibBinSource:
     def _bin_path(self, code: str, field: str) -> Path:
         return self.root / "features" / code.lower() / f"{field}.day.bin"
 
-    def _check_bins(self, code: str) -> bool:
-        """Every required bin exists and holds whole float32 values; returns whether factor exists."""
+    def _check_bins(self, code: str) -> tuple[str, ...]:
+        """Every required bin exists and holds whole float32 values; returns the optional fields it has."""
+        present = []
         for field in FIELDS:
             path = self._bin_path(code, field)
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
-                if field == "factor":
-                    return False
+                if field in OPTIONAL_FIELDS:
+                    continue
                 raise DataError(
                     f"{self.name}: instrument {code} has no {path.relative_to(self.root)} "
                     f"(expected features/<code lowercase>/{{{','.join(BAR_COLUMNS)}}}.day.bin for every "
@@ -95,7 +98,9 @@ class QlibBinSource:
                     f"{path}: truncated bin file ({size} bytes); expected a float32 start index followed by "
                     "float32 values, i.e. a positive multiple of 4 bytes"
                 )
-        return True
+            if field in OPTIONAL_FIELDS:
+                present.append(field)
+        return tuple(present)
 
     def _read_field(self, code: str, field: str) -> tuple[int, np.ndarray]:
         path = self._bin_path(code, field)
@@ -120,7 +125,7 @@ class QlibBinSource:
         keep = ~np.isnan(close) & (days >= lo) & (days <= hi)
         values = {"close": close[keep]}
         for field in FIELDS:
-            if field == "close" or (field == "factor" and not self._has_factor[code]):
+            if field == "close" or (field in OPTIONAL_FIELDS and field not in self._optional[code]):
                 continue
             f_first, f_values = self._read_field(code, field)
             aligned = np.full(len(close), np.nan, dtype=np.float32)

@@ -39,6 +39,11 @@ class ModelConfig(FactorVAEConfig):
     these models on Alpha158-20 (examples/benchmarks/<MODEL>/workflow_config_*_Alpha158.yaml:
     hidden_size 64, num_layers 2, dropout 0.0) where Qlib has the model."""
 
+    num_features: int = 0
+    """C: characteristics per stock and time step. 0 (the default): as many as the data set has, taken
+    from its manifest when a run starts (train/trainer.py; the run's config.yaml records the number);
+    a positive number must agree with the data set."""
+
     name: str = "factorvae"
     """Which model: "factorvae" (the paper's model; its variant picks FactorVAE / -prior /
     -port), or a baseline of the paper's Table 1: "linear", "ca", "gru", "alstm", "gat",
@@ -72,11 +77,18 @@ class ModelConfig(FactorVAEConfig):
     are shuffled every epoch, so recent steps are a random sample of the training days)."""
 
     def __post_init__(self) -> None:
+        # 0 is "from the data set" here; FactorVAEConfig, which a model is built from, wants a count
+        from_data = self.num_features == 0 and not isinstance(self.num_features, bool)
+        if from_data:
+            object.__setattr__(self, "num_features", 1)
         try:
             super().__post_init__()
         except ConfigError as exc:
             # FactorVAEConfig names its own class; here the settings are the "model" section's
             raise ConfigError(str(exc).replace("FactorVAEConfig.", "model.", 1)) from None
+        finally:
+            if from_data:
+                object.__setattr__(self, "num_features", 0)
         name = self.name.strip().lower() if isinstance(self.name, str) else self.name
         if name not in MODEL_NAMES:
             from fvae_dist.config import nearest_name_hint  # config imports this module
@@ -122,6 +134,9 @@ def model_label(name: str, variant: str | None = None) -> str:
 def build_model(cfg: FactorVAEConfig) -> nn.Module:
     """The model a config names. FactorVAE receives the config itself (a ModelConfig is a
     FactorVAEConfig); each baseline reads the fields it documents."""
+    if cfg.num_features == 0:
+        raise ConfigError("model.num_features=0 means \"as many as the data set has\"; a model needs the number: "
+                          "build it from a run's config.yaml (where training recorded it) or config.with_data_features")
     name = model_name(cfg)
     if name == "factorvae":
         return FactorVAE(cfg)

@@ -27,8 +27,8 @@ import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from fvae_dist import accel
-from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, write_text_atomic
-from fvae_dist.data.shards import load_manifest, manifest_hash
+from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, with_data_features, write_text_atomic
+from fvae_dist.data.shards import MANIFEST_NAME, load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_dataset, epoch_seed, grouped_days, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, FvaeError
 from fvae_dist.train import checkpoint as ckpt
@@ -88,6 +88,7 @@ def build_trainer(
     dataset_dir = _dataset_dir(cfg)
     data_hash = manifest_hash(dataset_dir)
     manifest = load_manifest(dataset_dir)
+    cfg = with_data_features(cfg, manifest, Path(dataset_dir) / MANIFEST_NAME)  # model.num_features: 0 -> C
     run_dir = run_dir_of(cfg)
     check_resume_allowed(run_dir, cfg, data_hash)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,6 @@
 """Alpha158 features and LABEL0: hand-checked windows, a slow Qlib-semantics oracle, and Qlib's own values."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,8 +16,9 @@ from fvae_dist.data.features import (
     panel_from_bars,
 )
 from fvae_dist.errors import ConfigError, DataError
+from tests.conftest import REFERENCE_DIR
 
-REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "alpha158_20_qlib.parquet"
+REFERENCE = REFERENCE_DIR / "alpha158_20_qlib.parquet"
 ATOL, RTOL = 1e-5, 1e-4
 
 
@@ -190,7 +189,7 @@ def test_unknown_names_and_bad_bars_are_reported():
         compute_features(panel_from_bars(bars), ("KLEN", "RSQR7"))
     with pytest.raises(ConfigError, match="alpha999"):
         features_frame(bars, feature_set="alpha999")
-    assert FEATURE_SETS == {"alpha158_20": ALPHA158_20} and len(ALPHA158_20) == 20
+    assert FEATURE_SETS["alpha158_20"] == ALPHA158_20 and len(ALPHA158_20) == 20
     with pytest.raises(DataError, match="volume"):
         panel_from_bars(bars.drop(columns="volume"))
     with pytest.raises(DataError, match="one per"):

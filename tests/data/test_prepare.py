@@ -10,8 +10,9 @@ import pytest
 
 from fvae_dist.data import prepare as prepare_module
 from fvae_dist.data import reopen
-from fvae_dist.data.features import ALPHA158_20, features_frame
+from fvae_dist.data.features import ALPHA158, ALPHA158_20, features_frame
 from fvae_dist.data.prepare import prepare_dataset
+from fvae_dist.data.processors import fit_robust_zscore
 from fvae_dist.data.shards import collate_days, iter_shard_days, load_manifest, shard_entries
 from fvae_dist.errors import ConfigError, DataError
 from tests.data.frame_source import FrameSource, random_walk_bars
@@ -109,6 +110,37 @@ def test_normalisation_sees_only_the_training_span(tmp_path, bars):
     for name in ALPHA158_20:
         assert a["median"][name] == pytest.approx(b["median"][name])
         assert a["scale"][name] == pytest.approx(b["scale"][name])
+
+
+def test_the_158_features_are_prepared_and_fitted_a_few_columns_at_a_time(tmp_path, bars, monkeypatch):
+    monkeypatch.setattr(prepare_module, "FIT_READ_BYTES", 1)          # one column per read
+    source = FrameSource(bars)
+    _prepare(source, tmp_path / "ds", feature_set="alpha158", chunk_size=7)
+    manifest = load_manifest(tmp_path / "ds")
+    assert manifest["feature_set"] == "alpha158" and manifest["features"] == list(ALPHA158)
+    # the fit equals one over the training span's universe rows of the whole raw table
+    raw = features_frame(bars, "alpha158", calendar=source.calendar)
+    has_close = raw.merge(bars[["date", "instrument", "close"]], on=["date", "instrument"], how="left")["close"].notna()
+    train = has_close.to_numpy() & raw["date"].between(pd.Timestamp(source.calendar[10]), pd.Timestamp(source.calendar[99]))
+    expected = fit_robust_zscore({name: raw.loc[train, name].to_numpy() for name in ALPHA158})
+    for name in ALPHA158:
+        assert manifest["normalization"]["median"][name] == pytest.approx(expected.median[name], rel=1e-6), name
+        assert manifest["normalization"]["scale"][name] == pytest.approx(expected.scale[name], rel=1e-6), name
+    sample = next(iter_shard_days(tmp_path / "ds", shard_entries(manifest, "train")[0], drop_nan_label=True))
+    assert sample.x.shape[1:] == (SEQ, 158)
+    # a prepared 20-feature data set of the same source is another data set
+    assert not _prepare(source, tmp_path / "ds").reused and load_manifest(tmp_path / "ds")["features"] == list(ALPHA158_20)
+
+
+def test_the_feature_set_choices_are_listed(capsys):
+    from fvae_dist.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["prepare", "--source", "synthetic", "--out", "x", "--feature-set", "alpha360"])
+    assert "choose from 'alpha158', 'alpha158_20'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["features", "--help"])
+    assert "alpha158_20 (default)" in capsys.readouterr().out
 
 
 def test_universe_follows_membership(tmp_path, bars):

@@ -110,3 +110,16 @@ def test_fingerprint_follows_the_bins(tmp_path, bars):
     values[-1] *= 1.01
     values.tofile(close)
     assert open_source(str(root)).fingerprint() != first
+
+
+def test_a_vwap_bin_reaches_the_features(tmp_path, bars):
+    from fvae_dist.data.features import features_frame
+
+    with_vwap = bars.assign(vwap=bars["close"] * 1.01)
+    root = write_qlib_dir(with_vwap, tmp_path / "qlib")
+    assert any(root.glob("features/*/vwap.day.bin"))
+    source = QlibBinSource(root)
+    chunk = pd.concat(source.iter_chunks())
+    assert "vwap" in chunk.columns
+    np.testing.assert_allclose(features_frame(chunk, "alpha158")["VWAP0"].dropna(), 1.01, rtol=1e-6)
+    assert "vwap" not in pd.concat(QlibBinSource(write_qlib_dir(bars, tmp_path / "plain")).iter_chunks()).columns

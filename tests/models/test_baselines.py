@@ -393,3 +393,24 @@ def test_backtest_command_refuses_tdrisk_before_reading_bars(tmp_path, capsys):
                      "--benchmark", str(tmp_path / "no-index.parquet"), "--strategy", "both"])
     assert code == 2
     assert f"{path}: sigma is NaN in every row" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_trains_on_the_158_features_with_the_data_sets_count(name):
+    from fvae_dist.config import with_data_features
+    from fvae_dist.data.features import ALPHA158
+
+    # model.num_features is left at its default (0): the data set's manifest gives C
+    cfg = load_config(None, [f"model.name={name}", "model.seq_len=5", "model.hidden_size=8", "model.num_factors=2",
+                             "model.num_portfolios=4"])
+    assert cfg.model.num_features == 0
+    with pytest.raises(ConfigError, match="model.num_features=0"):
+        build_model(cfg.model)
+    cfg = with_data_features(cfg, {"features": list(ALPHA158), "feature_set": "alpha158"}, "ds/manifest.json")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    x, mask, y = make_batch([9, 5], C=158)
+    model(x, mask, y)["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(DataError, match="C=158"):
+        model(x[..., :20], mask, y)
