@@ -25,7 +25,7 @@ def test_an_unknown_path_is_refused_naming_the_setting():
 
 def test_models_are_built_with_torch_modules_and_swapped_only_when_asked():
     """models/ never import the fast paths: the built model holds plain nn.GRU modules."""
-    cfg = config_from_dict({"model": {"name": "gru"}})
+    cfg = config_from_dict({"model": {"name": "gru", "num_features": 20}})
     model = build_model(cfg.model)
     assert {type(m) for m in model.modules() if isinstance(m, torch.nn.GRU)} == {torch.nn.GRU}
     accel.prepare_model(model, "off")
