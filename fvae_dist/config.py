@@ -16,7 +16,6 @@ Relative paths (data.dataset_dir, ray.storage_path) are taken relative to the wo
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import tempfile
@@ -28,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from fvae_dist.errors import ConfigError
+from fvae_dist.errors import ConfigError, nearest_name_hint
 from fvae_dist.models.registry import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -82,11 +81,11 @@ class DataConfig:
     longer beside it). false: the threads, one process less per worker."""
 
     def __post_init__(self) -> None:
-        _require(self.batch_days >= 1, "data.batch_days", "an integer >= 1", self.batch_days)
-        _require(self.prefetch_batches >= 0, "data.prefetch_batches", "an integer >= 0", self.prefetch_batches)
-        _require(self.days_per_block >= 1, "data.days_per_block", "an integer >= 1", self.days_per_block)
+        require(self.batch_days >= 1, "data.batch_days", "an integer >= 1", self.batch_days)
+        require(self.prefetch_batches >= 0, "data.prefetch_batches", "an integer >= 0", self.prefetch_batches)
+        require(self.days_per_block >= 1, "data.days_per_block", "an integer >= 1", self.days_per_block)
         for name in ("train_split", "valid_split", "test_split"):
-            _require(bool(getattr(self, name)), f"data.{name}", "a split name", getattr(self, name))
+            require(bool(getattr(self, name)), f"data.{name}", "a split name", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -150,11 +149,10 @@ class TrainConfig:
     """Intra-op threads per worker; 0 = max(1, floor(ray.cpus_per_worker))."""
 
     allreduce: str = "auto"
-    """How DDP averages the gradients of CPU workers, and how the workers agree each step that
-    all still have a batch: "auto" through shared memory when all workers share one machine
-    (train/shm_allreduce.py; 2 workers on 2 cores: 14.4 instead of 17-19 ms per one-day step),
-    else through the process group; "process_group": always gloo. GPU workers and DeepSpeed
-    always use their own collectives."""
+    """How DDP averages the gradients of CPU workers: "auto" through shared memory when all
+    workers share one machine (train/shm_allreduce.py; 2 workers on 2 cores: 14.4 instead of
+    17-19 ms per one-day step), else through the process group; "process_group": always gloo.
+    GPU workers and DeepSpeed always use their own collectives."""
 
     cpu_kernels: str = "auto"
     """Optional CPU fast paths (fvae_dist/accel/): "auto" uses every one that applies to the
@@ -167,26 +165,26 @@ class TrainConfig:
     debugging aid: shows the workers' days are disjoint and their step counts equal)."""
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
-        _require(_finite(self.lr) and self.lr > 0, "train.lr", "a number > 0", self.lr)
-        _require(_finite(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
-        _require(_finite(self.grad_clip) and self.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables)", self.grad_clip)
-        _require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"one of {LR_SCHEDULES}", self.lr_schedule)
-        _require(self.warmup_epochs >= 0, "train.warmup_epochs", "an integer >= 0", self.warmup_epochs)
-        _require(_finite(self.lr_min_ratio) and 0 <= self.lr_min_ratio <= 1, "train.lr_min_ratio", "a number in [0, 1]", self.lr_min_ratio)
-        _require(self.lr_step_epochs >= 1, "train.lr_step_epochs", "an integer >= 1", self.lr_step_epochs)
-        _require(_finite(self.lr_step_gamma) and 0 < self.lr_step_gamma <= 1, "train.lr_step_gamma", "a number in (0, 1]", self.lr_step_gamma)
-        _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", "an integer >= 0", self.early_stopping_patience)
-        _require(_finite(self.early_stopping_min_delta) and self.early_stopping_min_delta >= 0,
+        require(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+        require(_finite(self.lr) and self.lr > 0, "train.lr", "a number > 0", self.lr)
+        require(_finite(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
+        require(_finite(self.grad_clip) and self.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 disables)", self.grad_clip)
+        require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"one of {LR_SCHEDULES}", self.lr_schedule)
+        require(self.warmup_epochs >= 0, "train.warmup_epochs", "an integer >= 0", self.warmup_epochs)
+        require(_finite(self.lr_min_ratio) and 0 <= self.lr_min_ratio <= 1, "train.lr_min_ratio", "a number in [0, 1]", self.lr_min_ratio)
+        require(self.lr_step_epochs >= 1, "train.lr_step_epochs", "an integer >= 1", self.lr_step_epochs)
+        require(_finite(self.lr_step_gamma) and 0 < self.lr_step_gamma <= 1, "train.lr_step_gamma", "a number in (0, 1]", self.lr_step_gamma)
+        require(self.early_stopping_patience >= 0, "train.early_stopping_patience", "an integer >= 0", self.early_stopping_patience)
+        require(_finite(self.early_stopping_min_delta) and self.early_stopping_min_delta >= 0,
                  "train.early_stopping_min_delta", "a number >= 0", self.early_stopping_min_delta)
-        _require(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", self.precision)
-        _require(self.deepspeed_zero_stage in (0, 1, 2), "train.deepspeed_zero_stage", "0, 1 or 2", self.deepspeed_zero_stage)
-        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
-        _require(self.allreduce in ALLREDUCE_MODES, "train.allreduce", f"one of {ALLREDUCE_MODES}", self.allreduce)
+        require(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", self.precision)
+        require(self.deepspeed_zero_stage in (0, 1, 2), "train.deepspeed_zero_stage", "0, 1 or 2", self.deepspeed_zero_stage)
+        require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
+        require(self.allreduce in ALLREDUCE_MODES, "train.allreduce", f"one of {ALLREDUCE_MODES}", self.allreduce)
         from fvae_dist.accel import enabled_paths
 
         enabled_paths(self.cpu_kernels)  # ConfigError naming train.cpu_kernels when unknown
-        _require(self.torch_threads >= 0, "train.torch_threads", "an integer >= 0 (0 = from ray.cpus_per_worker)", self.torch_threads)
+        require(self.torch_threads >= 0, "train.torch_threads", "an integer >= 0 (0 = from ray.cpus_per_worker)", self.torch_threads)
 
 
 @dataclass(frozen=True)
@@ -231,18 +229,18 @@ class RayConfig:
     """Level of Ray Train's own console logs (its INFO level prints every report)."""
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "ray.num_workers", "an integer >= 1", self.num_workers)
-        _require(_finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "ray.cpus_per_worker",
+        require(self.num_workers >= 1, "ray.num_workers", "an integer >= 1", self.num_workers)
+        require(_finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "ray.cpus_per_worker",
                  "a number > 0 (fractions such as 0.5 are fine)", self.cpus_per_worker)
-        _require(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
+        require(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
                  "ray.run_name", "a non-empty folder name without '/'", self.run_name)
-        _require(bool(self.storage_path) and "://" not in self.storage_path, "ray.storage_path",
+        require(bool(self.storage_path) and "://" not in self.storage_path, "ray.storage_path",
                  "a local or shared file system directory (URIs such as s3:// are not supported: rank 0 "
                  "writes TensorBoard events and metrics.json there directly)", self.storage_path)
-        _require(self.num_cpus >= 0, "ray.num_cpus", "an integer >= 0 (0 = all CPUs)", self.num_cpus)
-        _require(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "ray.log_level",
+        require(self.num_cpus >= 0, "ray.num_cpus", "an integer >= 0 (0 = all CPUs)", self.num_cpus)
+        require(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "ray.log_level",
                  "DEBUG, INFO, WARNING, ERROR or CRITICAL", self.log_level)
-        _require(self.max_failures >= -1, "ray.max_failures", "an integer >= -1 (-1 = unlimited)", self.max_failures)
+        require(self.max_failures >= -1, "ray.max_failures", "an integer >= -1 (-1 = unlimited)", self.max_failures)
 
 
 @dataclass(frozen=True)
@@ -276,16 +274,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            with open(path) as handle:
-                loaded = yaml.safe_load(handle)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = read_yaml_mapping(path, what="config file", sections=sorted(SECTIONS))
     for text in overrides:
         key, value = parse_override(text)
         section, name = _split_key(key, source="override")
@@ -294,6 +283,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{source}: section {section!r} must be a mapping")
         data[section][name] = value
     return config_from_dict(data, source=source)
+
+
+def read_yaml_mapping(path: str | Path, *, what: str, sections: Sequence[str]) -> dict:
+    """The mapping a YAML file holds ({} for an empty file); ConfigError naming the file when it
+    is missing, not YAML, or not a mapping of `sections`."""
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections {list(sections)}, got {type(loaded).__name__}")
+    return dict(loaded or {})
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -376,6 +380,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def json_safe(value: Any) -> Any:
+    """`value` as strict JSON accepts it: NaN and infinities become null, numpy scalars Python
+    numbers, tuples lists."""
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def all_keys() -> list[str]:
     """Every valid dotted key, e.g. for help texts."""
     return [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
@@ -385,18 +403,30 @@ def all_keys() -> list[str]:
 # Internals
 # ----------------------------------------------------------------------------------------------
 
-def _build_section(cls: type, section: str, values: Mapping, source: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def build_settings(cls: type, values: Mapping, *, where: str, source: str, valid_keys=None):
+    """A settings dataclass from plain values (YAML), each coerced by its field's type with the
+    rules of this module (so `true`, `yes` and `1` are the same boolean everywhere). Unknown keys
+    and the dataclass's own checks raise ConfigError naming `source` and `where`.KEY; the hint for
+    an unknown key is drawn from `valid_keys` (default: the dataclass's fields)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in values.items():
         if name not in fields:
-            raise ConfigError(f"{source}: unknown key {section}.{name}{nearest_name_hint(f'{section}.{name}', all_keys())}")
-        kwargs[name] = _coerce(value, hints[name], f"{section}.{name}", source)
+            key = f"{where}.{name}"
+            candidates = valid_keys if valid_keys is not None else [f"{where}.{f}" for f in sorted(fields)]
+            raise ConfigError(f"{source}: unknown key {key}{nearest_name_hint(key, candidates)}")
+        kwargs[name] = value if dataclasses.is_dataclass(value) else _coerce(value, hints[name], f"{where}.{name}", source)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _build_section(cls: type, section: str, values: Mapping, source: str):
+    return build_settings(cls, values, where=section, source=source, valid_keys=all_keys())
 
 
 def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
@@ -456,15 +486,6 @@ def _split_key(key: str, *, source: str) -> tuple[str, str]:
     return section, name
 
 
-def nearest_name_hint(name: str, candidates) -> str:
-    """'; did you mean ...?' for a misspelt key, else the list of valid ones (shared with tune.py)."""
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    if not match:
-        # a bare field name without its section ("lr") still deserves a pointer
-        match = [key for key in candidates if key.endswith(f".{name}")][:1]
-    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(candidates))}"
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -477,6 +498,7 @@ def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _require(ok: bool, key: str, expected: str, got: Any) -> None:
+def require(ok: bool, key: str, expected: str, got: Any) -> None:
+    """The settings dataclasses' checks: ConfigError "KEY: expected ..., got ..." unless ok."""
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")

@@ -18,3 +18,20 @@ def csi300_dir() -> Path:
     if not (CSI300_DIR / "stocks_daily.parquet").is_file():
         pytest.skip(f"real CSI300 data not found at {CSI300_DIR} (expected ../shared beside the repository)")
     return CSI300_DIR
+
+
+@pytest.fixture(scope="module")
+def fvae_ray():
+    """A 2-CPU local Ray cluster started as `fvae-dist` starts its own (train.trainer.ensure_ray:
+    with the dashboard, whose State API frees the CPUs of a Train run whose controller died).
+    A cluster an earlier test module left running is shut down first."""
+    import ray
+
+    from fvae_dist.config import load_config
+    from fvae_dist.train.trainer import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ensure_ray(load_config(None, ["ray.num_cpus=2"]))
+    yield ray
+    ray.shutdown()

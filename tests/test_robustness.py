@@ -4,20 +4,24 @@ statistics of the inputs; scores are on them only.
 The end-to-end tests share one real (tiny) grid trained on Ray from a prepared synthetic market,
 and instrument the data path: a model builder, run inside every Train worker, wraps the loop's
 batch iterator and records the instruments of every batch that worker sees, tagged train
-(drop_last=True) or eval. The grid takes 1-2 minutes on 2 cores (4 runs, 2 at a time); the file's
-other tests take seconds.
+(drop_last=True) or eval. Two more grids on the toy data set check what happens to failed runs
+and to a job interrupted midway (through the CLI). These are the slow tests (minutes each on
+2 cores); the file's other tests take seconds.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import ray
+import yaml
 from ray import cloudpickle
 from scipy.stats import spearmanr
 
@@ -29,10 +33,12 @@ from fvae_dist.data.prepare import prepare_dataset
 from fvae_dist.data.shards import iter_shard_days, load_manifest, manifest_hash, shard_entries
 from fvae_dist.errors import ConfigError, DataError
 from fvae_dist.evaluate.report import build_report
-from fvae_dist.robustness import (MODELS, RunSpec, draw_held_out, resolve_models, run_one, run_robustness, scorable_instruments,
-                                  score_held_out)
+from fvae_dist.robustness import (MODELS, HeldOutScoring, RunSpec, draw_held_out, resolve_models, run_robustness,
+                                  scorable_instruments, score_held_out)
+from fvae_dist.tune.grid import read_record
 from tests.data.frame_source import random_walk_bars
 from tests.train.toy_dataset import write_toy_dataset
+from tests.tune.conftest import start_cli, wait_for
 
 # The builders and fake run functions below run in Ray workers, which cannot import this file.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -57,20 +63,11 @@ def market_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def tiny_config(dataset_dir: Path, storage: Path, *extra: str, num_features: int = 4):
     return load_config(None, [
         f"data.dataset_dir={dataset_dir}", f"model.num_features={num_features}", "model.seq_len=5", "model.hidden_size=4",
         "model.num_factors=2", "model.num_portfolios=4", "train.epochs=1", "train.early_stopping_patience=0",
-        "ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.num_cpus=2", f"ray.storage_path={storage}", *extra,
+        "ray.num_workers=1", "ray.cpus_per_worker=0.45", "ray.num_cpus=2", f"ray.storage_path={storage}", *extra,
     ])
 
 
@@ -84,16 +81,22 @@ def split_instruments(dataset_dir: Path, split: str) -> set[str]:
 # ---------------------------------------------------------------------------------------------- instrumentation
 
 class RecordingBuilder:
-    """A model_builder that records the instruments of every batch the worker's loop draws."""
+    """A model_builder that records the instruments of every batch the worker's loop draws; the
+    first attempt of run `fail_once` fails (before it trains)."""
 
-    def __init__(self, record_dir: Path):
+    def __init__(self, record_dir: Path, fail_once: str = ""):
         self.record_dir = str(record_dir)
+        self.fail_once = fail_once
 
     def __call__(self, model_cfg):
         import fvae_dist.train.loop as loop
         from fvae_dist.models.factorvae import build_model
 
         run = ray.train.get_context().get_experiment_name()
+        marker = Path(self.record_dir) / f"{run}.failed-once"
+        if run == self.fail_once and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected failure on the first attempt")
         path = Path(self.record_dir) / f"{run}.{os.getpid()}.jsonl"
         # training batches come through training_batches (from the feeder actor or in-process),
         # evaluation batches through iter_day_batches
@@ -101,18 +104,6 @@ class RecordingBuilder:
             loop.training_batches = _recording(loop.training_batches, path, "train")
             loop.iter_day_batches = _recording(loop.iter_day_batches, path, "eval")
         return build_model(model_cfg)
-
-
-def failing_once(name: str, marker_dir: Path):
-    """run_one, except that the first attempt of run `name` fails before it trains."""
-    def run(cfg_dict, spec, held_out, model_builder=None):
-        marker = Path(marker_dir) / f"{spec.name}.failed-once"
-        if spec.name == name and not marker.exists():
-            marker.touch()
-            raise RuntimeError("injected failure on the first attempt")
-        return run_one(cfg_dict, spec, held_out, model_builder)
-
-    return run
 
 
 def _recording(original, path: Path, phase: str):
@@ -153,13 +144,25 @@ def test_every_model_choice_selects_a_buildable_model():
 
     assert {"factorvae", "prior", "port", "linear", "ca", "gru", "alstm", "gat", "trans", "sfm"} <= set(MODELS)
     for choice in MODELS.values():
-        cfg = load_config(None, [f"{k}={v}" for k, v in choice.overrides.items()])
+        cfg = load_config(None, ["model.num_features=20", *(f"{k}={v}" for k, v in choice.overrides.items())])
         build_model(cfg.model)  # raises for a name or variant that does not exist
 
 
 def test_cli_reports_unknown_model_as_an_error(capsys):
     assert cli.main(["robustness", "--m", "5", "--models", "lstm", "--seeds", "1"]) == 2
     assert "lstm" in capsys.readouterr().err
+
+
+def test_presets_load_and_their_runs_fit_side_by_side():
+    from fvae_dist.train.cluster_fit import RunShape, check_fits
+    from fvae_dist.tune.grid import TRIAL_DRIVER_CPUS
+
+    presets = Path(__file__).resolve().parents[1] / "tune_configs"
+    for name, cpus, side_by_side in (("robustness_tiny.yaml", 2, 2), ("robustness_csi300.yaml", 16, 15)):
+        cfg = load_config(presets / name)
+        assert not cfg.data.exclude_instruments  # the job draws the held-out stocks itself
+        run = RunShape.of(cfg, driver_cpus=TRIAL_DRIVER_CPUS, unit="trial")
+        assert check_fits(run, [{"CPU": cpus}]) == side_by_side, name
 
 
 def test_draws_are_seeded_nested_and_bounded():
@@ -193,7 +196,7 @@ def test_scores_use_only_the_held_out_stocks():
 # ---------------------------------------------------------------------------------------------- Ray
 
 @pytest.fixture(scope="module")
-def grid(market_dir, tmp_path_factory, ray_cluster):
+def grid(market_dir, tmp_path_factory, fvae_ray):
     """The real grid (factorvae x m in {4, 8} x 2 seeds), one run failing once and retried."""
     tmp_path = tmp_path_factory.mktemp("grid")
     records = tmp_path / "records"
@@ -203,16 +206,16 @@ def grid(market_dir, tmp_path_factory, ray_cluster):
     retried = RunSpec("factorvae", 4, 1).name
     messages = []
     summary = run_robustness(cfg, models=["factorvae"], ms=[4, 8], seeds=2, out_dir=out, retries=1,
-                             model_builder=RecordingBuilder(records), run_fn=failing_once(retried, records),
-                             log=messages.append)
+                             model_builder=RecordingBuilder(records, fail_once=retried), log=messages.append)
     return {"summary": summary, "out": out, "root": out / "robustness", "records": records, "cfg": cfg,
             "messages": messages, "tmp": tmp_path}
 
 
-@pytest.mark.timeout(480)  # ~70 s on 2 idle cores; generous for a shared, busy machine
+@pytest.mark.ray
+@pytest.mark.timeout(600)  # the grid's 4 runs, 2 at a time, on a shared, busy 2-core machine
 def test_grid_holds_stocks_out_of_training_and_scores_exactly_them(grid, market_dir):
     summary, out, records, cfg, tmp_path = grid["summary"], grid["out"], grid["records"], grid["cfg"], grid["tmp"]
-    assert summary.max_parallel == 2  # 2 CPUs, 0.5 per run, 1 kept for Ray Data
+    assert summary.max_parallel == 2  # 2 CPUs, 0.45 + 0.05 per run, 1 kept for Ray Data
     results = pd.read_csv(out / "robustness" / "results.csv")
     assert len(results) == 4 and (results["status"] == "ok").all(), results
     assert results.set_index("seed").loc[1].set_index("m").loc[4, "attempts"] == 2
@@ -278,7 +281,8 @@ def source_features(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in {"date", "instrument", "LABEL0", "close", "start_date", "end_date"}]
 
 
-@pytest.mark.timeout(480)  # shares the grid with the test above; alone it pays for it
+@pytest.mark.ray
+@pytest.mark.timeout(600)  # shares the grid with the test above; alone it pays for it
 def test_each_run_is_normalised_without_its_held_out_stocks_and_still_predicts_them(grid, market_dir):
     root = grid["root"]
     base = load_manifest(market_dir)
@@ -311,41 +315,91 @@ def test_each_run_is_normalised_without_its_held_out_stocks_and_still_predicts_t
         assert set(mine["instrument"]) == set(held_out) and np.isfinite(mine["mu"]).all()
 
 
-def fake_run(cfg_dict, spec, held_out, model_builder=None):
-    """Stands in for training: seed 1 always fails, the others score by seed."""
-    if spec.seed == 1:
-        raise RuntimeError(f"broken run {spec.name}")
-    return {"rank_ic": 0.01 * (spec.seed + 1), "rank_icir": 0.1, "ic": 0.0, "icir": 0.0, "n_days": 3,
-            "n_stocks": len(held_out), "wall_s": 0.0}
+class BrokenScoring(HeldOutScoring):
+    """The real held-out scoring, except that it always fails for the runs of seed 1."""
+
+    def __call__(self, name, cfg):
+        if name.endswith("-seed1"):
+            raise RuntimeError(f"broken scoring of {name}")
+        return super().__call__(name, cfg)
 
 
-@pytest.mark.timeout(240)
-def test_failed_runs_are_retried_reported_and_redone_on_rerun(toy_dir, tmp_path, ray_cluster):
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_failed_runs_are_retried_recorded_and_tried_again_on_rerun(toy_dir, tmp_path, fvae_ray):
     cfg = tiny_config(toy_dir, tmp_path)
     messages = []
     # the toy data set has no source to re-prepare from: every run shares it, as the flag says
-    summary = run_robustness(cfg, models=["factorvae", "port"], ms=[3], seeds=3, out_dir=tmp_path, retries=2,
-                             log=messages.append, run_fn=fake_run, reuse_normalisation=True)
-    assert not (tmp_path / "robustness" / "data").exists()
-    assert "reuse-normalisation" in json.loads((tmp_path / "robustness" / "job.json").read_text())["prepare"][
-        "normalisation"]
-    results = summary.results.set_index(["model_key", "seed"])
-    assert summary.failed == 2 and (summary.ran, summary.skipped) == (6, 0)
-    for model in ("factorvae", "port"):
-        assert results.loc[(model, 1), "status"] == "failed"
-        assert results.loc[(model, 1), "attempts"] == 3
-        assert "broken run" in results.loc[(model, 1), "error"]
-        assert results.loc[(model, 0), "status"] == "ok" and results.loc[(model, 0), "attempts"] == 1
-    table_md = (tmp_path / "robustness" / "table2.md").read_text()
-    assert table_md.count("[1 of 3 failed]") == 4  # Rank IC and Rank ICIR of both models
-    table = pd.read_csv(tmp_path / "robustness" / "table2.csv")
-    assert (table["runs_failed"] == 1).all()
-    assert table["rank_ic_mean"].tolist() == pytest.approx([0.02, 0.02])  # mean of seeds 0 and 2 only
-    assert any("FAILED" in message for message in messages)
+    summary = run_robustness(cfg, models=["factorvae"], ms=[3], seeds=2, out_dir=tmp_path, retries=1,
+                             log=messages.append, scoring=BrokenScoring, reuse_normalisation=True)
+    root = tmp_path / "robustness"
+    assert not (root / "data").exists()
+    assert "reuse-normalisation" in json.loads((root / "job.json").read_text())["prepare"]["normalisation"]
+    results = summary.results.set_index("seed")
+    assert summary.failed == 1 and (summary.ran, summary.skipped) == (2, 0)
+    assert results.loc[1, "status"] == "failed" and results.loc[1, "attempts"] == 2  # retried once
+    assert "broken scoring of factorvae-m3-seed1" in results.loc[1, "error"]
+    assert np.isnan(results.loc[1, "rank_ic"])  # recorded, not dropped, and without a score
+    assert results.loc[0, "status"] == "ok" and results.loc[0, "attempts"] == 1
+    table_md = (root / "table2.md").read_text()
+    assert table_md.count("[1 of 2 failed]") == 2  # Rank IC and Rank ICIR
+    table = pd.read_csv(root / "table2.csv")
+    assert table["runs_failed"].tolist() == [1] and table["runs_ok"].tolist() == [1]
+    assert table["rank_ic_mean"].tolist() == pytest.approx([results.loc[0, "rank_ic"]])  # seed 0 only
+    assert json.loads((root / "runs" / "factorvae-m3-seed1" / "robustness.json").read_text())["status"] == "failed"
+    assert any("FAILED after 2 attempt(s)" in message for message in messages)
 
-    again = run_robustness(cfg, models=["factorvae", "port"], ms=[3], seeds=3, out_dir=tmp_path, retries=0,
-                           log=lambda _: None, run_fn=fake_run, reuse_normalisation=True)
-    assert (again.ran, again.skipped, again.failed) == (2, 4, 2)  # only the failed runs run again
+    finished = root / "runs" / "factorvae-m3-seed0"
+    stamps = {name: (finished / name).stat().st_mtime_ns for name in ("metrics.json", "trial.json", "config.yaml")}
+    # one more seed and no retries: the finished run stays, the failed one is tried once more
+    again = run_robustness(cfg, models=["factorvae"], ms=[3], seeds=3, out_dir=tmp_path, retries=0,
+                           log=lambda _: None, scoring=BrokenScoring, reuse_normalisation=True)
+    assert (again.ran, again.skipped, again.failed) == (2, 1, 1)
+    assert {name: (finished / name).stat().st_mtime_ns for name in stamps} == stamps, "seed 0 was run again"
+    rows = again.results.set_index("seed")
+    assert rows["status"].tolist() == ["ok", "failed", "ok"] and rows.loc[1, "attempts"] == 3
+    assert (root / "runs" / "factorvae-m3-seed2" / "predictions" / "test.parquet").is_file()
+
+
+def _statuses(root: Path) -> dict[str, str]:
+    path = root / "results.csv"
+    return dict(zip(*[pd.read_csv(path)[c] for c in ("run_dir", "status")])) if path.is_file() else {}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_an_interrupted_job_continues_without_rerunning_finished_runs(toy_dir, tmp_path):
+    config = tmp_path / "robustness.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"dataset_dir": str(toy_dir)},
+        "model": {"num_features": 4, "seq_len": 5, "hidden_size": 4, "num_factors": 2, "num_portfolios": 4},
+        "train": {"epochs": 2, "early_stopping_patience": 0},
+        "ray": {"num_workers": 1, "cpus_per_worker": 0.45, "num_cpus": 2},
+    }))
+    args = ["robustness", "--config", str(config), "--m", "3", "--seeds", "3", "--models", "factorvae",
+            "--max-parallel", "2", "--reuse-normalisation", "--out", str(tmp_path)]
+    root = tmp_path / "robustness"
+    # two runs at a time: when the first one finishes the second is still going and the third
+    # has yet to start, so Ctrl+C catches the job in the middle
+    first = start_cli(args, tmp_path / "first.log")
+    deadline = time.monotonic() + 420
+    while "ok" not in _statuses(root).values() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    done = [run for run, status in _statuses(root).items() if status == "ok"]
+    assert done, (tmp_path / "first.log").read_text()[-3000:]
+    snapshot = {run: ((root / run / "metrics.json").read_text(), read_record(root / run)) for run in done}
+    first.send_signal(signal.SIGINT)
+    assert wait_for(first, 120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    assert "pending" in _statuses(root).values()
+
+    second = start_cli(args, tmp_path / "second.log")
+    assert wait_for(second, 480) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    statuses = _statuses(root)
+    assert len(statuses) == 3 and set(statuses.values()) == {"ok"}
+    for run, (metrics, record) in snapshot.items():
+        assert (root / run / "metrics.json").read_text() == metrics, f"{run} was trained again"
+        assert read_record(root / run) == record
+    assert "m=3 Rank IC" in (root / "table2.md").read_text()
 
 
 def test_a_source_that_cannot_be_reopened_is_a_config_error_suggesting_the_flag(toy_dir, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from fvae_dist.commands.tune import INTERRUPTED
 from fvae_dist.config import load_config
 
 
@@ -14,8 +15,9 @@ def add_parser(subparsers) -> None:
         "robustness",
         help="Experiment 2: train without m random stocks, score Rank IC / ICIR on them (Table 2)",
         description="For every model, m and seed: hold m stocks present in the test span out of training and "
-        "validation, train, predict the test span and score the held-out stocks. Runs go to the Ray cluster "
-        "in parallel; a failed run is retried, then reported as failed; re-running skips finished runs. "
+        "validation, train, predict the test span and score the held-out stocks. The runs are one Ray Tune "
+        "experiment of named trials, several at once; a failed run is retried, then reported as failed; "
+        "re-running keeps finished runs, continues interrupted ones from their checkpoints and retries failed ones. "
         "Before the runs, one data set per (m, seed) is prepared from the source and settings recorded in "
         "data.dataset_dir's manifest, with the feature normalisation fitted WITHOUT that draw's held-out stocks "
         "(each costs about one `fvae-dist prepare` in time and disk; re-runs reuse them); --reuse-normalisation "
@@ -33,10 +35,10 @@ def add_parser(subparsers) -> None:
                              "linear, ca, gru, alstm, gat, trans, sfm (fvae_dist.robustness.MODELS)")
     parser.add_argument("--out", help="parent of the robustness/ folder; None means ray.storage_path")
     parser.add_argument("--max-parallel", type=int, default=0,
-                        help="runs in flight at once; 0 = as many as the cluster fits (more is capped)")
+                        help="runs at once (Tune's max_concurrent_trials); 0 = as many as the cluster fits (more is capped)")
     parser.add_argument("--sequential", action="store_true", help="one run at a time (same as --max-parallel 1)")
     parser.add_argument("--retries", type=int, default=1, help="times a failed run is started again before it "
-                        "is reported as failed")
+                        "is reported as failed (Tune's FailureConfig max_failures)")
     parser.add_argument("--reuse-normalisation", action="store_true",
                         help="train every run on data.dataset_dir as it is: no per-(m, seed) prepares (faster, no "
                         "extra disk), but its normalisation statistics were fitted with the held-out stocks "
@@ -62,4 +64,7 @@ def run(args) -> int:
     print(summary.files["table2_md"].read_text())
     for name in ("results_csv", "table2_md", "table2_csv"):
         print(f"wrote {summary.files[name]}")
+    if summary.pending:
+        print(f"interrupted: {summary.pending} run(s) unfinished; run the same command again to continue")
+        return INTERRUPTED
     return 1 if summary.failed else 0

@@ -15,7 +15,6 @@ Readers for the other layouts live beside this one: `qlib_bin.py` (Qlib binary d
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import os
 import shutil
@@ -32,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from fvae_dist.errors import ConfigError, DataError
+from fvae_dist.errors import ConfigError, DataError, nearest_name
 
 PRICE_COLUMNS = ("open", "high", "low", "close")
 BAR_COLUMNS = (*PRICE_COLUMNS, "volume")
@@ -74,10 +73,8 @@ class BarSource(Protocol):
 
 def close_match_hint(name: str, candidates: Iterable[str]) -> str:
     """' (did you mean "close"?)' when a near spelling exists, else ''."""
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    if not match:
-        match = [c for c in candidates if c.lower() == name.lower()]
-    return f' (did you mean "{match[0]}"?)' if match else ""
+    match = nearest_name(name, candidates)
+    return f' (did you mean "{match}"?)' if match else ""
 
 
 def check_columns(found: list[str], required: Iterable[str], where: str) -> None:

@@ -220,19 +220,35 @@ def table1(runs: list[RunRecord]) -> tuple[str, dict]:
     return markdown_table(["Method", "Rank IC", "Rank ICIR", "runs"], rows), numbers
 
 
-def table2(results: pd.DataFrame) -> tuple[str, dict]:
+def table2(results: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """The paper's Table 2 from robustness results (model, m, seed, rank_ic, rank_icir[, status]):
+    a row per model, Rank IC and Rank ICIR per m as mean (std) over the seeds that finished.
+    With a status column (the robustness job's results.csv) only "ok" runs count and a cell
+    with failed or unfinished runs says how many. Returns the markdown and a row per (model, m)."""
     require_columns(results, ROBUSTNESS_COLUMNS, "robustness results.csv")
-    ms = sorted(results["m"].unique())
+    status = results["status"] if "status" in results.columns else pd.Series("ok", index=results.index)
+    ms = sorted(int(m) for m in results["m"].unique())
     header = ["Methods"] + [f"m={m} {name}" for m in ms for name in ("Rank IC", "Rank ICIR")]
-    rows, numbers = [], {}
+    rows, numbers = [], []
     for model in dict.fromkeys(results["model"]):
         row = [str(model)]
         for m in ms:
-            cell = results[(results["model"] == model) & (results["m"] == m)]
-            row += [fmt_mean_std(cell["rank_ic"]), fmt_mean_std(cell["rank_icir"])]
-            numbers[f"{model}|m={m}"] = {"rank_ic": mean_std(cell["rank_ic"]), "rank_icir": mean_std(cell["rank_icir"])}
+            in_cell = (results["model"] == model) & (results["m"] == m)
+            ok = results[in_cell & (status == "ok")]
+            n_cell = int(in_cell.sum())
+            n_failed = int((in_cell & (status == "failed")).sum())
+            n_pending = n_cell - len(ok) - n_failed
+            note = "".join([f" [{n_failed} of {n_cell} failed]" if n_failed else "",
+                            f" [{n_pending} of {n_cell} pending]" if n_pending else ""])
+            row += [fmt_mean_std(ok["rank_ic"]) + note, fmt_mean_std(ok["rank_icir"]) + note]
+            ic_mean, ic_std, _ = mean_std(ok["rank_ic"])
+            ir_mean, ir_std, _ = mean_std(ok["rank_icir"])
+            numbers.append({"model": model, "m": m, "rank_ic_mean": ic_mean, "rank_ic_std": ic_std,
+                            "rank_icir_mean": ir_mean, "rank_icir_std": ir_std, "runs_ok": len(ok),
+                            "runs_failed": n_failed, "runs_pending": n_pending,
+                            "seeds_ok": " ".join(str(int(seed)) for seed in sorted(ok["seed"]))})
         rows.append(row)
-    return markdown_table(header, rows), numbers
+    return markdown_table(header, rows), pd.DataFrame(numbers)
 
 
 def table3(runs: list[RunRecord], mode: str) -> tuple[str, dict]:
@@ -504,7 +520,8 @@ def build_report(
     robustness_files += [p / "robustness" / "results.csv" for p in map(Path, run_dirs) if (p / "robustness" / "results.csv").is_file()]
     if robustness_files:
         results = pd.concat([pd.read_csv(p) for p in dict.fromkeys(robustness_files)], ignore_index=True)
-        text, numbers["table2"] = table2(results)
+        text, cells = table2(results)
+        numbers["table2"] = cells.to_dict("records")
         sections += ["## Table 2: robustness to stocks unseen in training", "", text, "",
                      f"From {', '.join(map(str, dict.fromkeys(robustness_files)))}.", ""]
     else:

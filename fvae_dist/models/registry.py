@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fvae_dist.errors import ConfigError
+from fvae_dist.errors import ConfigError, nearest_name_hint
 from fvae_dist.models.factorvae import FactorVAE, FactorVAEConfig
 
 MODEL_NAMES = ("factorvae", "linear", "ca", "gru", "alstm", "gat", "trans", "sfm")
@@ -91,8 +91,6 @@ class ModelConfig(FactorVAEConfig):
                 object.__setattr__(self, "num_features", 0)
         name = self.name.strip().lower() if isinstance(self.name, str) else self.name
         if name not in MODEL_NAMES:
-            from fvae_dist.config import nearest_name_hint  # config imports this module
-
             raise ConfigError(f"model.name: unknown model {self.name!r}{nearest_name_hint(str(name), MODEL_NAMES)}")
         object.__setattr__(self, "name", name)
         for key in ("num_layers", "num_heads", "freq_dim"):

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from fvae_dist import accel
-from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict, write_text_atomic
+from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict, json_safe, write_text_atomic
 from fvae_dist.data.feeder import EpochStream, feeder_for
 from fvae_dist.data.stream import iter_day_batches, within_block_seed
 from fvae_dist.errors import ConfigError
@@ -164,15 +164,23 @@ def training_batches(source, cfg: ExperimentConfig, epoch: int):
 
 
 def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, run_dir: Path, epoch: int, rank: int) -> dict:
-    """One pass over this worker's share of the training days; returns all-worker averages."""
+    """One pass over this worker's share of the training days; returns all-worker averages.
+
+    Every worker takes the same number of steps, as DDP's gradient all-reduce needs, without a
+    check here: Ray Train hands out the training days through streaming_split(equal=True)
+    (data/stream.py, DaySplitConfig), whose OutputSplitter keeps enough rows buffered to give
+    every worker exactly the same number of days per epoch and drops the remainder. The
+    worker cuts its blocks of data.days_per_block days back into days and batches those into
+    data.batch_days with the short last batch dropped, so each worker takes floor(days /
+    batch_days) steps (tests/train/test_equal_split.py pins this)."""
     engine.module.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl (sums over steps)
     steps, stock_days, stepping = 0, 0, 0.0
     dates: list[str] = []
     faults_before, preemptions_before = minor_faults_this_thread(), preemptions_this_thread()
     start = time.perf_counter()
-    lockstep = LockstepBatches(batches, world, device, flags=engine.step_flags)
-    for batch in lockstep:
+    fetching = TimedBatches(batches)
+    for batch in fetching:
         x, mask, y = to_device(batch, device)
         before = time.perf_counter()
         out = engine.train_step(x, mask, y)
@@ -182,7 +190,7 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
         stock_days += int(batch["mask"].sum())
         if cfg.train.audit_days:
             dates.extend(str(d) for d in batch["date"])
-    waited = lockstep.wait_seconds
+    waited = fetching.wait_seconds
     batches.close()
     elapsed = time.perf_counter() - start
     faults = minor_faults_this_thread() - faults_before
@@ -343,7 +351,7 @@ def write_metrics(run_dir: Path, state: TrainState, manifest_hash: str, final: d
         "history": state.history,
         "final": final if final is not None else previous.get("final"),
     }
-    write_text_atomic(path, json.dumps(_json_safe(document), indent=1))
+    write_text_atomic(path, json.dumps(json_safe(document), indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,59 +385,21 @@ def _default_builder(model_cfg):
     return build_model(model_cfg)
 
 
-class LockstepBatches:
-    """This worker's batches for as long as every worker still has one.
+class TimedBatches:
+    """`batches`, timing how long each one takes to arrive: the epoch's data wait."""
 
-    Every worker must run the same number of DDP steps or the gradient all-reduce hangs;
-    streaming_split(equal=True) promises that, this check (every worker publishes a "have one"
-    flag, all read all) makes it impossible to break. The flag for batch k+1 is sent before
-    batch k is handed out, so its exchange overlaps step k instead of sitting between steps:
-    measured with 2 workers on 2 cores, a gloo flag between steps cost 1.4-2.3 ms a step, 6-10%
-    of a one-day fp32 step. `flags`: the engine's shared-memory channel when it has one
-    (train/shm_allreduce.py: no message, no I/O thread), else an all-reduce over the process
-    group. `wait_seconds`: time spent fetching batches (the data wait), flags not included."""
-
-    def __init__(self, batches, world: int, device, flags=None):
-        self._batches, self._world = batches, world
-        self._flags = flags if flags is not None or world == 1 else ProcessGroupFlags(device)
+    def __init__(self, batches):
+        self._batches = batches
         self.wait_seconds = 0.0
 
     def __iter__(self):
-        batch = self._fetch()
-        if self._world == 1:
-            while batch is not None:
-                yield batch
-                batch = self._fetch()
-            return
-        pending = self._flags.send_flag(batch is not None)
-        while self._flags.all_have(pending):
-            following = self._fetch()
-            pending = self._flags.send_flag(following is not None)  # overlaps the step on `batch`
+        while True:
+            started = time.perf_counter()
+            batch = next(self._batches, None)
+            self.wait_seconds += time.perf_counter() - started
+            if batch is None:
+                return
             yield batch
-            batch = following
-
-    def _fetch(self):
-        started = time.perf_counter()
-        batch = next(self._batches, None)
-        self.wait_seconds += time.perf_counter() - started
-        return batch
-
-
-class ProcessGroupFlags:
-    """Lockstep flags as an asynchronous MIN all-reduce over the default process group."""
-
-    def __init__(self, device):
-        self._device = _collective_device(device)
-
-    def send_flag(self, have: bool):
-        flag = torch.tensor([1 if have else 0], dtype=torch.int32, device=self._device)
-        return flag, dist.all_reduce(flag, op=dist.ReduceOp.MIN, async_op=True)
-
-    @staticmethod
-    def all_have(pending) -> bool:
-        flag, work = pending
-        work.wait()
-        return bool(flag.item())
 
 
 def _all_reduce_sum(values: torch.Tensor, device) -> torch.Tensor:
@@ -460,14 +430,3 @@ def _split_role(split: str, cfg: ExperimentConfig) -> str:
 
 def _finite_only(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v)) and v is not None}
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-

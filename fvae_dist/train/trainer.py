@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,13 +31,15 @@ from fvae_dist import accel
 from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, with_data_features, write_text_atomic
 from fvae_dist.data.shards import MANIFEST_NAME, load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_dataset, epoch_seed, grouped_days, shuffled_each_epoch
-from fvae_dist.errors import ConfigError, DataError, FvaeError
+from fvae_dist.errors import ConfigError, DataError, user_error
 from fvae_dist.train import checkpoint as ckpt
-from fvae_dist.train import core_layout, ray_logging
+from fvae_dist.train import core_layout
+from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
 from fvae_dist.train.loop import METRICS_FILE, intra_op_threads, train_loop_per_worker
 
 CONFIG_FILE = "config.yaml"
 MANIFEST_HASH_FILE = "manifest_hash.txt"
+DASHBOARD_HOST = "127.0.0.1"  # a local cluster's dashboard answers this machine only
 
 
 @dataclass
@@ -49,18 +52,24 @@ class TrainingOutcome:
 def train(cfg: ExperimentConfig, *, callbacks: Sequence = (), model_builder: Callable | None = None) -> TrainingOutcome:
     """Run (or resume) one training run and return its metrics."""
     trainer = build_trainer(cfg, callbacks=callbacks, model_builder=model_builder)
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        cause = _user_error(exc)
-        if cause is exc:
-            raise
-        raise cause from exc
+    result = fit(trainer)
     run_dir = run_dir_of(cfg)
     metrics_path = run_dir / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     prune_unregistered_checkpoints(result, cfg)
     return TrainingOutcome(run_dir=run_dir, metrics=metrics, result=result)
+
+
+def fit(trainer: TorchTrainer) -> ray.train.Result:
+    """trainer.fit(), raising a worker's own FvaeError (bad resume, bad data) instead of Ray's
+    wrapper around it, so that the CLI prints one clear line."""
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        mine = user_error(exc)
+        if mine is None:
+            raise
+        raise mine from exc
 
 
 def prune_unregistered_checkpoints(result: ray.train.Result, cfg: ExperimentConfig) -> None:
@@ -189,7 +198,13 @@ _local_cluster: tuple[str, core_layout.CoreLayout | None] | None = None
 
 
 def ensure_ray(cfg: ExperimentConfig, *, for_one_run: bool = False) -> None:
-    """Join ray.address, or start a local Ray sized by ray.num_cpus (all CPUs by default).
+    """Join ray.address, or start a local Ray sized by ray.num_cpus (all CPUs by default), with
+    its dashboard on 127.0.0.1.
+
+    The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner asks whether a
+    run's controller is still alive: when a controller dies without removing its workers'
+    placement group (the trial actor of a Tune trial that a scheduler stops, ray-project/ray
+    #54305), the cleaner removes it, or those CPUs stay reserved until the driver exits.
 
     for_one_run: the cluster is started for one training run (`fvae-dist train`), which may then
     lay out the cores (ray.pin_cores, train/core_layout.py). Tune and the robustness grid start
@@ -205,12 +220,36 @@ def ensure_ray(cfg: ExperimentConfig, *, for_one_run: bool = False) -> None:
     layout = planned_core_layout(cfg) if for_one_run else None
     confined = (core_layout.new_processes_confined_to(layout.housekeeping, core_layout.available_cpus())
                 if layout is not None else contextlib.nullcontext())
+    port = _free_local_port()
     with confined:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": ray_logging.WORKER_SETUP_HOOK})
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=port,
+                 log_to_driver=True, runtime_env={"env_vars": state_api_env(port)})
     _local_cluster = (ray.get_runtime_context().get_node_id(), layout)
     if layout is not None:
         print(f"local Ray cluster: {layout.describe()} (ray.pin_cores)")
+
+
+def state_api_env(dashboard_port: int) -> dict[str, str]:
+    """Environment of every process of a local cluster: where its State API is.
+
+    Workaround for Ray 2.60: a State API client without an address (the PlacementGroupCleaner's)
+    looks for the cluster on the machine, and in a worker process, where RAY_ADDRESS is unset,
+    it raises ConnectionError("Found multiple active Ray instances") as soon as a second local
+    Ray instance runs on the machine (another `fvae-dist` command, a test). The cleaner catches
+    only RayStateApiException, so its monitor thread dies and the placement group stays
+    (ray-project/ray PR #54468 describes the same failure to resolve the address; Ray 2.60's
+    dashboard/utils.py:ray_address_to_api_server_url does not default to the connected cluster).
+    tests/train/test_ray_cluster.py pins the behaviour: drop this when that test says Ray
+    resolves the address itself."""
+    return {"RAY_API_SERVER_ADDRESS": f"http://{DASHBOARD_HOST}:{dashboard_port}"}
+
+
+def _free_local_port() -> int:
+    # The dashboard's port is fixed before ray.init so that state_api_env can name it; Ray would
+    # otherwise pick one (8265 or the next free one) only while it starts.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((DASHBOARD_HOST, 0))
+        return probe.getsockname()[1]
 
 
 def planned_core_layout(cfg: ExperimentConfig) -> core_layout.CoreLayout | None:
@@ -237,23 +276,11 @@ def training_cores_for(cfg: ExperimentConfig) -> tuple[tuple[int, ...], ...] | N
 
 
 def check_cluster_fits(cfg: ExperimentConfig) -> None:
-    """The workers must leave at least one CPU to Ray Data, or the input pipeline never runs
-    and training waits forever (seen with 2 workers x 1 CPU on a 2-CPU machine)."""
-    total_cpus = ray.cluster_resources().get("CPU", 0.0)
-    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    if need > total_cpus - 1 + 1e-9:
-        suggestion = max((total_cpus - 1) / cfg.ray.num_workers, 0.0)
-        raise ConfigError(
-            f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} = {need:g} CPUs, "
-            f"but the Ray cluster has {total_cpus:g} and Ray Data needs at least 1 free; "
-            + (f"use ray.cpus_per_worker={suggestion:.2g} or fewer workers"
-               if suggestion > 0 else "this cluster is too small: use a machine with at least 2 CPUs")
-        )
-    if cfg.ray.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        if gpus < cfg.ray.num_workers:
-            raise ConfigError(f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers}, "
-                              f"but the Ray cluster has {gpus:g} GPUs")
+    """The run's workers must leave Ray Data its CPU (train/cluster_fit.py)."""
+    try:
+        check_fits(RunShape.of(cfg), cluster_nodes())
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.ray.run_name}: {exc}") from None
 
 
 def _dataset_dir(cfg: ExperimentConfig) -> Path:
@@ -262,16 +289,3 @@ def _dataset_dir(cfg: ExperimentConfig) -> Path:
     path = Path(cfg.data.dataset_dir).expanduser().resolve()
     load_manifest(path)  # raises DataError naming the file when it is not a prepared data set
     return path
-
-
-def _user_error(exc: Exception) -> Exception:
-    """A worker's own FvaeError (bad resume, bad data) instead of Ray's wrapper around it."""
-    failures = getattr(exc, "worker_failures", None) or {}
-    for failure in failures.values():
-        seen = set()
-        while failure is not None and id(failure) not in seen:
-            seen.add(id(failure))
-            if isinstance(failure, FvaeError):
-                return type(failure)(str(failure).splitlines()[0] if str(failure) else repr(failure))
-            failure = getattr(failure, "cause", None) or failure.__cause__
-    return exc
