@@ -32,7 +32,6 @@ from fvae_dist.models.registry import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "step")
-ALLREDUCE_MODES = ("auto", "process_group")
 
 
 @dataclass(frozen=True)
@@ -148,12 +147,6 @@ class TrainConfig:
     torch_threads: int = 0
     """Intra-op threads per worker; 0 = max(1, floor(ray.cpus_per_worker))."""
 
-    allreduce: str = "auto"
-    """How DDP averages the gradients of CPU workers: "auto" through shared memory when all
-    workers share one machine (train/shm_allreduce.py; 2 workers on 2 cores: 14.4 instead of
-    17-19 ms per one-day step), else through the process group; "process_group": always gloo.
-    GPU workers and DeepSpeed always use their own collectives."""
-
     cpu_kernels: str = "auto"
     """Optional CPU fast paths (fvae_dist/accel/): "auto" uses every one that applies to the
     run's device and precision, "off" none (the model and torch exactly as written), or a
@@ -180,7 +173,6 @@ class TrainConfig:
         require(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", self.precision)
         require(self.deepspeed_zero_stage in (0, 1, 2), "train.deepspeed_zero_stage", "0, 1 or 2", self.deepspeed_zero_stage)
         require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
-        require(self.allreduce in ALLREDUCE_MODES, "train.allreduce", f"one of {ALLREDUCE_MODES}", self.allreduce)
         from fvae_dist.accel import enabled_paths
 
         enabled_paths(self.cpu_kernels)  # ConfigError naming train.cpu_kernels when unknown
@@ -213,13 +205,6 @@ class RayConfig:
 
     num_cpus: int = 0
     """CPUs a local Ray instance may use; 0 = all CPUs of this machine. Ignored with address."""
-
-    pin_cores: bool = True
-    """When `fvae-dist train` starts a local Ray instance and every worker's threads can have
-    cores of their own with at least one core left over: pin each worker's training thread to
-    its cores and start Ray's other processes (raylet, Ray Data, feeders) on the rest, so they
-    stop preempting the step (train/core_layout.py). Otherwise nothing is pinned (e.g. the
-    default 2 workers on 2 cores, a joined cluster, GPU workers)."""
 
     max_failures: int = 0
     """Times Ray Train restarts the worker group after a worker failure (resuming from the

@@ -38,7 +38,6 @@ from ray.data import DataContext, Dataset, RandomSeedConfig
 
 from fvae_dist.data.shards import DaySample, collate_days, iter_shard_days, load_manifest, shard_entries
 from fvae_dist.errors import DataError
-from fvae_dist.train.core_layout import leave_training_cores
 
 _UNIX_DAY = np.datetime64("1970-01-01", "D")
 
@@ -240,7 +239,6 @@ _DONE = object()
 
 
 def _produce(items: Iterator, slots: queue.Queue, stop: threading.Event) -> None:
-    leave_training_cores()  # started by a training thread that may be pinned (train/core_layout.py)
     try:
         for item in items:
             if not _put(slots, stop, item):

@@ -21,12 +21,8 @@ from torch import nn
 
 from fvae_dist.config import ExperimentConfig
 from fvae_dist.errors import ConfigError
-from fvae_dist.train.shm_allreduce import SharedMemoryAllReduce
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# A rank waiting longer than this for the others' gradients fails the step (gloo's default
-# timeout in Ray Train is the same); a dead worker is normally noticed by Ray well before.
-ALLREDUCE_TIMEOUT_S = 1800.0
 
 
 def lr_factor(train, epoch: int) -> float:
@@ -61,19 +57,13 @@ class DDPEngine:
             raise ConfigError("train.precision=fp16 needs CUDA workers (ray.use_gpu=true); on CPU use bf16")
         self.module = model.to(device)
         self.allreduce = "none"  # how gradients are averaged across workers (recorded in metrics)
-        self.step_flags = None   # the lockstep flag channel; None: the process group's (train/loop.py)
         if world_size > 1:
             from ray.train.torch import prepare_model
 
-            # DDP: broadcasts rank 0's initial weights and all-reduces gradients in backward.
+            # DDP: broadcasts rank 0's initial weights and all-reduces gradients in backward
+            # through the process group (gloo on CPU, NCCL on GPU).
             self.wrapped = prepare_model(model, move_to_device=False, parallel_strategy="ddp")
             self.allreduce = "process_group"
-            if device.type == "cpu" and train.allreduce == "auto":
-                shared = SharedMemoryAllReduce.connect(model.parameters(), timeout_s=ALLREDUCE_TIMEOUT_S)
-                if shared is not None:
-                    self.wrapped.register_comm_hook(None, shared.hook)
-                    self.allreduce = "shared_memory"
-                    self.step_flags = shared
         else:
             self.wrapped = model
         # fused: one kernel over all parameters instead of a dozen small ops per tensor
@@ -123,7 +113,6 @@ class DeepSpeedEngine:
     its own partition and a resume hands all partitions to DeepSpeed, which re-partitions them."""
 
     allreduce = "deepspeed"
-    step_flags = None  # lockstep flags through the process group (train/loop.py)
 
     def __init__(self, model: nn.Module, cfg: ExperimentConfig, device: torch.device):
         import deepspeed

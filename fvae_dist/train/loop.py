@@ -17,8 +17,6 @@ loop_config (plain data, built by train/trainer.py):
     eval_splits     names of the evaluation datasets passed to the trainer ("valid", "test")
     model_builder   optional callable(ModelConfig) -> nn.Module (tests); by default
                     models/registry.build_model builds the model that model.name names
-    training_cores  per rank, the CPUs its training thread runs on; None: not pinned
-                    (train/core_layout.py)
 """
 from __future__ import annotations
 
@@ -44,7 +42,6 @@ from fvae_dist.data.feeder import EpochStream, feeder_for
 from fvae_dist.data.stream import iter_day_batches, within_block_seed
 from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
-from fvae_dist.train.core_layout import available_cpus, cpu_list_text, pin_training_thread
 from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
 from fvae_dist.train.tensorboard import RunEvents
 from fvae_dist.train.thread_stats import minor_faults_this_thread, preemptions_this_thread
@@ -83,10 +80,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     quiet_ray_train_logs(cfg.ray.log_level)
-    # before torch starts its intra-op threads, which inherit this thread's CPUs
-    cores = loop_config.get("training_cores")
-    pin_training_thread(cores[rank] if cores else None)
-
     torch.set_num_threads(intra_op_threads(cfg))
     device = ray.train.torch.get_device()
     accel.prepare_worker_process(cfg.train.cpu_kernels, device.type)
@@ -218,10 +211,9 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
         # the training thread's page faults; hundreds or more per step mean the allocator
         # returns memory to the kernel between steps (accel/memory.py)
         "minor_faults_per_step": all_faults / per_step,
-        # the training thread losing its CPU to other threads (train/core_layout.py)
+        # the training thread losing its CPU to other threads (neighbours on its core)
         "preemptions_per_step": all_preemptions / per_step,
-        "allreduce": engine.allreduce,  # "shared_memory", "process_group", "deepspeed" or "none"
-        "training_cpus": cpu_list_text(available_cpus()),  # this rank's (rank 0's in the metrics)
+        "allreduce": engine.allreduce,  # "process_group", "deepspeed" or "none"
     }
 
 
@@ -241,7 +233,6 @@ def epoch_metrics(epoch: int, lr: float, train: dict, valid: dict, score: float,
         perf_step_fraction=train["step_fraction"],
         perf_minor_faults_per_step=train["minor_faults_per_step"],
         perf_preemptions_per_step=train["preemptions_per_step"],
-        perf_training_cpus=train["training_cpus"],
         perf_epoch_seconds=train["seconds"],
         perf_allreduce=train["allreduce"],
         checkpoint_score=score,

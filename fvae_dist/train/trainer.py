@@ -14,7 +14,6 @@ run folder, ray.train.get_checkpoint() hands the latest one to the workers.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -33,9 +32,8 @@ from fvae_dist.data.shards import MANIFEST_NAME, load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_dataset, epoch_seed, grouped_days, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, user_error
 from fvae_dist.train import checkpoint as ckpt
-from fvae_dist.train import core_layout
 from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
-from fvae_dist.train.loop import METRICS_FILE, intra_op_threads, train_loop_per_worker
+from fvae_dist.train.loop import METRICS_FILE, train_loop_per_worker
 
 CONFIG_FILE = "config.yaml"
 MANIFEST_HASH_FILE = "manifest_hash.txt"
@@ -104,9 +102,8 @@ def build_trainer(
     dump_config(cfg, run_dir / CONFIG_FILE)
     write_text_atomic(run_dir / MANIFEST_HASH_FILE, data_hash + "\n")
 
-    ensure_ray(cfg, for_one_run=True)
+    ensure_ray(cfg)
     check_cluster_fits(cfg)
-    training_cores = training_cores_for(cfg)
     splits = manifest["splits"]
     for role in ("train_split", "valid_split"):
         name = getattr(cfg.data, role)
@@ -135,7 +132,6 @@ def build_trainer(
         "run_dir": str(run_dir),
         "eval_splits": eval_splits,
         "model_builder": model_builder,
-        "training_cores": training_cores,  # per rank, or None: see train/core_layout.py
     }
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
@@ -193,23 +189,14 @@ def check_resume_allowed(run_dir: Path, cfg: ExperimentConfig, data_hash: str) -
     ckpt.check_resumable(saved_config, saved_hash, config_to_dict(cfg), data_hash, str(run_dir))
 
 
-# The local cluster this process started, as (node id, core layout or None).
-_local_cluster: tuple[str, core_layout.CoreLayout | None] | None = None
-
-
-def ensure_ray(cfg: ExperimentConfig, *, for_one_run: bool = False) -> None:
+def ensure_ray(cfg: ExperimentConfig) -> None:
     """Join ray.address, or start a local Ray sized by ray.num_cpus (all CPUs by default), with
     its dashboard on 127.0.0.1.
 
     The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner asks whether a
     run's controller is still alive: when a controller dies without removing its workers'
     placement group (the trial actor of a Tune trial that a scheduler stops, ray-project/ray
-    #54305), the cleaner removes it, or those CPUs stay reserved until the driver exits.
-
-    for_one_run: the cluster is started for one training run (`fvae-dist train`), which may then
-    lay out the cores (ray.pin_cores, train/core_layout.py). Tune and the robustness grid start
-    theirs without: their trials run side by side and must not share pinned cores."""
-    global _local_cluster
+    #54305), the cleaner removes it, or those CPUs stay reserved until the driver exits."""
     if ray.is_initialized():
         return
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
@@ -217,16 +204,9 @@ def ensure_ray(cfg: ExperimentConfig, *, for_one_run: bool = False) -> None:
         ray.init(address=cfg.ray.address or None, log_to_driver=True)
         return
     num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-    layout = planned_core_layout(cfg) if for_one_run else None
-    confined = (core_layout.new_processes_confined_to(layout.housekeeping, core_layout.available_cpus())
-                if layout is not None else contextlib.nullcontext())
     port = _free_local_port()
-    with confined:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=port,
-                 log_to_driver=True, runtime_env={"env_vars": state_api_env(port)})
-    _local_cluster = (ray.get_runtime_context().get_node_id(), layout)
-    if layout is not None:
-        print(f"local Ray cluster: {layout.describe()} (ray.pin_cores)")
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=port,
+             log_to_driver=True, runtime_env={"env_vars": state_api_env(port)})
 
 
 def state_api_env(dashboard_port: int) -> dict[str, str]:
@@ -250,29 +230,6 @@ def _free_local_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((DASHBOARD_HOST, 0))
         return probe.getsockname()[1]
-
-
-def planned_core_layout(cfg: ExperimentConfig) -> core_layout.CoreLayout | None:
-    """The layout a local cluster started for this run gets (None: nothing pinned)."""
-    if not cfg.ray.pin_cores or cfg.ray.use_gpu or not core_layout.affinity_supported():
-        return None
-    return core_layout.plan_core_layout(cfg.ray.num_workers, intra_op_threads(cfg), core_layout.available_cpus())
-
-
-def training_cores_for(cfg: ExperimentConfig) -> tuple[tuple[int, ...], ...] | None:
-    """Each rank's cores when this process started the cluster with a core layout that fits this
-    run's workers; None otherwise (the workers then widen to the node's CPUs if the cluster's
-    housekeeping was confined, see core_layout.pin_training_thread)."""
-    if _local_cluster is None or not ray.is_initialized() or cfg.ray.use_gpu or not cfg.ray.pin_cores:
-        return None
-    node_id, layout = _local_cluster
-    if layout is None or node_id != ray.get_runtime_context().get_node_id():
-        return None  # not pinned, or a different cluster than the one this process started
-    threads = intra_op_threads(cfg)
-    pinned = [cpu for cpus in layout.training for cpu in cpus]
-    if cfg.ray.num_workers * threads > len(pinned):
-        return None
-    return core_layout.per_rank(pinned, cfg.ray.num_workers, threads)
 
 
 def check_cluster_fits(cfg: ExperimentConfig) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,6 @@ from fvae_dist.cli import main as cli_main
 from fvae_dist.errors import DataError
 from fvae_dist.train.engine import deepspeed_safe_globals
 from fvae_dist.train.predict import predict_split
-from fvae_dist.native.build import load_shm_sync
 from fvae_dist.train.trainer import train
 from tests.train.conftest import tiny_overrides
 
@@ -67,11 +65,8 @@ def test_run_folder_holds_everything(first_run, toy_dir):
     for h in metrics["history"]:
         assert math.isfinite(h["train_loss"]) and h["perf_stock_days_per_s"] > 0
         assert 0 <= h["perf_data_wait_fraction"] <= 1
-        assert h["perf_minor_faults_per_step"] >= 0 and h["perf_preemptions_per_step"] >= 0
-        # the session's Ray cluster was not started by train(): nothing pinned, the thread keeps its CPUs
-        assert h["perf_training_cpus"] == ",".join(map(str, sorted(os.sched_getaffinity(0))))
-        # two CPU workers on one machine average their gradients through shared memory
-        assert h["perf_allreduce"] == ("shared_memory" if load_shm_sync() is not None else "process_group")
+        assert 0 < h["perf_step_fraction"] <= 1 and h["perf_step_fraction"] + h["perf_data_wait_fraction"] <= 1
+        assert h["perf_allreduce"] == "process_group"        # two DDP workers on CPU: gloo
 
 
 @pytest.mark.timeout(60)
