@@ -151,7 +151,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def training_batches(source, cfg: ExperimentConfig, epoch: int):
     """One epoch of this worker's training batches: from its feeder actor (data.feeder, the
     feeder starts reading at once) or from its Ray Data shard in background threads. The days
-    inside each block come in an order of this epoch's own (data/stream.py, grouped_days)."""
+    inside each block come in an order of this epoch's own (data/stream.py, within_block_seed)."""
     shuffle_seed = within_block_seed(cfg.train.seed, epoch)
     if cfg.data.feeder:
         return EpochStream(source, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches, drop_last=True,
