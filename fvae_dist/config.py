@@ -60,18 +60,19 @@ class DataConfig:
     """Split evaluated once at the end with the best epoch's weights (metrics.json "final")."""
 
     prefetch_batches: int = 4
-    """How far each worker reads ahead: the Ray Data blocks its iterator fetches (training:
-    data.days_per_block days each; evaluation: one day each) and the padded batches queued for
-    the step."""
+    """How far each worker reads ahead: the Ray Data blocks its iterator fetches (up to
+    data.days_per_block days each) and the padded batches queued for the step."""
 
     days_per_block: int = 8
-    """G: training days travel through Ray Data in blocks of G days, grouped at random once per
-    run (seeded by train.seed); every epoch shuffles the order of the blocks and the order of
-    the days inside each (data/stream.py). Each block costs the reading worker one request to
-    Ray Data's split coordinator: with 2 workers on 2 cores, one day per block spent about 2.5 ms
-    of CPU per day on Ray's side, 8 days per block about 1 ms. The price is that the same G days
-    always come together (in random order, at a random place in the epoch); 1 gives a uniform
-    permutation of all days every epoch."""
+    """G: days travel through Ray Data in blocks of at most G consecutive trading days of one
+    shard, with the day-level features their windows need; the workers cut the [N, T, C]
+    windows (data/day_blocks.py). Every epoch shuffles the order of the training blocks and the
+    order of the days inside each (data/stream.py). The trade-off: a block holds about
+    (G + T - 1) / G times the day-level features of its days (3.4x at G=8, T=20), so a small G
+    costs memory (object store) and a large one randomness, since the days that travel together
+    are always the same G consecutive ones (in random order, at a random place in the epoch).
+    1 gives a uniform permutation of all days every epoch, at T (20) times the memory; it also
+    costs one request to Ray Data's split coordinator per day instead of per G days."""
 
     feeder: bool = True
     """Read and pad each worker's training days in a separate "feeder" process on the worker's

@@ -490,18 +490,18 @@ def neighbour_sensitivity(days: list, max_steps: int) -> list:
 
 
 def ray_data_only(dataset: Path) -> dict:
-    """How fast one consumer pulls days out of the materialised Ray Dataset (no model step), with
-    one day per block and with training's default data.days_per_block: the input pipeline's
-    ceiling, to compare with the step rate."""
+    """How fast one consumer pulls days out of the materialised Ray Dataset of day-panel blocks
+    (windows cut, no model step), with one day per block and with training's default
+    data.days_per_block: the input pipeline's ceiling, to compare with the step rate. (Object
+    store bytes, spilling and memory at the paper's scale: scripts/bench_stream.py.)"""
     import ray
 
-    from fvae_dist.data.stream import day_dataset, grouped_days, iter_day_batches, shuffled_each_epoch
+    from fvae_dist.data.stream import day_blocks, iter_day_batches, shuffled_each_epoch
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    days = day_dataset(dataset, "train")
-    row = {"days": days.count()}
+    row = {"days": load_manifest(dataset)["splits"]["train"]["n_days"]}
     for days_per_block in (1, DataConfig.days_per_block):
-        ds = shuffled_each_epoch(grouped_days(days, days_per_block, seed=0), seed=0)
+        ds = shuffled_each_epoch(day_blocks(dataset, "train", days_per_block=days_per_block), seed=0)
         rates = []
         for epoch in range(2):
             started, stock_days = time.perf_counter(), 0
@@ -510,6 +510,7 @@ def ray_data_only(dataset: Path) -> dict:
             rates.append(stock_days / (time.perf_counter() - started))
         row[f"stock_days_per_s_{days_per_block}_days_per_block"] = max(rates)
         print(f"ray data input only, {days_per_block} days per block: {max(rates):,.0f} stock-days/s")
+        del ds
     ray.shutdown()
     row["stock_days_per_s"] = row[f"stock_days_per_s_{DataConfig.days_per_block}_days_per_block"]
     return row

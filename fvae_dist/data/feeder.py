@@ -1,4 +1,5 @@
-"""Read and pad a training worker's days in a separate process: the worker's "feeder" actor.
+"""Read a training worker's day-panel blocks, cut their windows and pad the batches in a separate
+process: the worker's "feeder" actor.
 
     with feeder_for(shard) as feeder:                  once per worker, on the worker's node
         for batch in EpochStream(feeder, D, ...): ...  one epoch; same batches as iter_day_batches
@@ -14,7 +15,9 @@ shared-memory object store: the worker's cost per step is one zero-copy `ray.get
 
 Semantics are those of `iter_day_batches` on the same shard: the feeder iterates the shard (the
 streaming_split DataIterator Ray Train gave this worker), so every epoch is a new Ray Data pass
-with its own day order, and disjoint, equal shares across workers are unchanged.
+with its own block order, and disjoint shares of equally many blocks across workers are
+unchanged. Cutting each day's [N, T, C] windows from its block (data/day_blocks.py) is done
+here too, off the training process.
 """
 from __future__ import annotations
 

@@ -72,6 +72,85 @@ def shard_entries(manifest: dict, split: str) -> list[dict]:
     return [entry for entry in manifest["shards"] if entry["split"] == split]
 
 
+SHARD_COLUMNS = ("date", "instrument", "label", "label_norm", "in_universe")  # besides the features
+
+
+@dataclass
+class ShardCube:
+    """One shard in memory, the form both ways of cutting samples start from (`iter_shard_days`
+    here, the day-panel blocks of data/day_blocks.py). Rows are the shard's rows, in file order."""
+
+    dates: np.ndarray  # [D] datetime64[D], every day with a row (halo included), increasing
+    instruments: np.ndarray  # [I] str, sorted
+    cube: np.ndarray  # [D, I, C] float32; 0 (the normalised median) where a stock has no row
+    own: np.ndarray  # [D] bool: the days this shard owns (its samples come from these)
+    row_instrument: np.ndarray  # [R] int: each row's stock, an index into `instruments`
+    day_bounds: np.ndarray  # [D + 1]: day d's rows are day_bounds[d] : day_bounds[d + 1]
+    in_universe: np.ndarray  # [R] bool
+    y: np.ndarray  # [R] float32, CSRankNorm target (re-ranked without the excluded stocks)
+    label: np.ndarray  # [R] float32, raw LABEL0
+
+    def sample_rows(self, day: int, drop_nan_label: bool) -> np.ndarray:
+        """The rows that are samples on day `day` (universe stocks; with a target when
+        drop_nan_label), in instrument order."""
+        rows = np.arange(self.day_bounds[day], self.day_bounds[day + 1])
+        rows = rows[self.in_universe[rows]]
+        if drop_nan_label:
+            rows = rows[np.isfinite(self.y[rows])]
+        return rows
+
+
+def read_shard(
+    dataset_dir: str | Path,
+    entry: dict,
+    features: list[str],
+    exclude_instruments: set[str] | frozenset[str] | None = None,
+) -> ShardCube:
+    """Read one shard (manifest entry `entry`) into a ShardCube.
+
+    exclude_instruments: stocks removed entirely (the robustness experiment holds them out); the
+    target is ranked again without them."""
+    path = Path(dataset_dir) / entry["path"]
+    columns = [*SHARD_COLUMNS, *features]
+    missing = [name for name in columns if name not in pq.read_schema(path).names]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r}" + (f" (nor {missing[1:]})" if missing[1:] else "")
+                        + "; the manifest's features and the shard format need it. Re-run `fvae-dist prepare`")
+    frame = pq.read_table(path, columns=columns).to_pandas()
+    if exclude_instruments:
+        frame = frame[~frame["instrument"].isin(exclude_instruments)]
+
+    dates, date_idx = np.unique(frame["date"].to_numpy(dtype="datetime64[D]"), return_inverse=True)
+    instruments, inst_idx = np.unique(frame["instrument"].to_numpy(dtype=str), return_inverse=True)
+    # each day one contiguous run of rows (day_bounds) in instrument order, one row per stock
+    if np.any(np.diff(date_idx.astype(np.int64) * len(instruments) + inst_idx) <= 0):
+        raise DataError(f"{path}: rows are not sorted by (date, instrument) with one row per stock and day; "
+                        "re-run `fvae-dist prepare`")
+    cube = np.zeros((len(dates), len(instruments), len(features)), dtype=np.float32)
+    cube[date_idx, inst_idx] = frame[features].to_numpy(dtype=np.float32)
+
+    in_universe = frame["in_universe"].to_numpy(dtype=bool)
+    y = frame["label_norm"].to_numpy(dtype=np.float32)
+    label = frame["label"].to_numpy(dtype=np.float32)
+    if exclude_instruments:
+        # the stored CSRankNorm ranked the held-out stocks too; rank again without them so their
+        # labels leave no trace in the training target
+        y = cs_rank_norm(np.where(in_universe, label, np.nan), date_idx)
+    own_start = np.datetime64(entry["own_start"], "D")
+    own_end = np.datetime64(entry["own_end"], "D")
+    return ShardCube(
+        dates=dates,
+        instruments=instruments,
+        cube=cube,
+        own=(own_start <= dates) & (dates <= own_end),
+        row_instrument=inst_idx,
+        day_bounds=np.searchsorted(date_idx, np.arange(len(dates) + 1)),
+        in_universe=in_universe,
+        y=y,
+        label=label,
+    )
+
+
 def iter_shard_days(
     dataset_dir: str | Path,
     entry: dict,
@@ -86,50 +165,22 @@ def iter_shard_days(
     exclude_instruments: stocks removed entirely (the robustness experiment holds them out).
     """
     manifest = manifest or load_manifest(dataset_dir)
-    features = manifest["features"]
     seq_len = int(manifest["seq_len"])
-    table = pq.read_table(Path(dataset_dir) / entry["path"])
-    frame = table.to_pandas()
-    if exclude_instruments:
-        frame = frame[~frame["instrument"].isin(exclude_instruments)]
-
-    dates, date_idx = np.unique(frame["date"].to_numpy(dtype="datetime64[D]"), return_inverse=True)
-    instruments, inst_idx = np.unique(frame["instrument"].to_numpy(dtype=str), return_inverse=True)
-    # dense [days, instruments, C] cube of the shard; absent rows stay 0 (= the normalised median)
-    cube = np.zeros((len(dates), len(instruments), len(features)), dtype=np.float32)
-    cube[date_idx, inst_idx] = frame[features].to_numpy(dtype=np.float32)
-
-    in_universe = frame["in_universe"].to_numpy(dtype=bool)
-    y_all = frame["label_norm"].to_numpy(dtype=np.float32)
-    if exclude_instruments:
-        # the stored CSRankNorm ranked the held-out stocks too; rank again without them so their
-        # labels leave no trace in the training target
-        label_in_universe = np.where(in_universe, frame["label"].to_numpy(dtype=np.float32), np.nan)
-        y_all = cs_rank_norm(label_in_universe, date_idx)
-    label_all = frame["label"].to_numpy(dtype=np.float32)
-    own_start = np.datetime64(entry["own_start"], "D")
-    own_end = np.datetime64(entry["own_end"], "D")
-    # rows are sorted by (date, instrument): each day is one contiguous run of rows
-    day_bounds = np.searchsorted(date_idx, np.arange(len(dates) + 1))
-    for day in range(len(dates)):
-        if not own_start <= dates[day] <= own_end:
-            continue
-        rows = np.arange(day_bounds[day], day_bounds[day + 1])
-        rows = rows[in_universe[rows]]
-        if drop_nan_label:
-            rows = rows[np.isfinite(y_all[rows])]
+    shard = read_shard(dataset_dir, entry, manifest["features"], exclude_instruments)
+    for day in np.flatnonzero(shard.own):
+        rows = shard.sample_rows(day, drop_nan_label)
         if rows.size == 0:
             continue
         first = max(0, day - seq_len + 1)
-        window = cube[first : day + 1, inst_idx[rows]]  # [t, N, C]
-        x = np.zeros((rows.size, seq_len, len(features)), dtype=np.float32)
+        window = shard.cube[first : day + 1, shard.row_instrument[rows]]  # [t, N, C]
+        x = np.zeros((rows.size, seq_len, shard.cube.shape[2]), dtype=np.float32)
         x[:, seq_len - window.shape[0] :] = window.transpose(1, 0, 2)  # left-pad a short history
         yield DaySample(
-            date=dates[day],
-            instruments=instruments[inst_idx[rows]],
+            date=shard.dates[day],
+            instruments=shard.instruments[shard.row_instrument[rows]],
             x=x,
-            y=y_all[rows],
-            label=label_all[rows],
+            y=shard.y[rows],
+            label=shard.label[rows],
         )
 
 

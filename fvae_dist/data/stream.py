@@ -1,28 +1,26 @@
-"""Ray Data input: one dataset row per trading day, streamed to the training workers.
+"""Ray Data input: the splits as day-panel blocks, streamed to the workers, which cut the windows.
 
-Driver side (`day_dataset`): the shards of one split become a Ray Dataset whose rows are days
+Driver side (`day_blocks`): the shards of one split become a Ray Dataset whose rows are blocks of
+at most G (data.days_per_block) consecutive days of one shard, with the day-level features their
+windows need (schema: data/day_blocks.py), one block per Ray Data block:
 
-    from_items(shard entries) -> flat_map(iter_shard_days) -> materialize (one day per block)
+    from_items(shard entries) -> flat_map(read_shard -> shard_blocks) -> materialize
 
-For training, `grouped_days` then puts the days into blocks of G (data.days_per_block) drawn at
-random, once per run, and `shuffled_each_epoch` puts a block-order shuffle on top: each epoch
-re-orders block references and moves no data, and the consumer shuffles the days inside every
-block (`batches_of_days(shuffle_seed=...)`). Why blocks of several days: a worker pulls its share
-from Ray Data's split coordinator one block at a time, one RPC and one format conversion per
-block, which cost about 2.5 ms of CPU per day with one day per block against 0.7-1 ms with 8-16
-(two consumers on 2 cores, data/feeder.py) -- with 2 workers on 2 cores that was a tenth of the
-machine. The price: the same G days always travel together (in random order, in a random place
-of the epoch); G=1 restores a uniform permutation of the days every epoch. Ray Train hands the
-training dataset to the workers through `streaming_split(equal=True)`, so in every epoch each
-worker gets its own disjoint days and all workers get the same number of them.
+Why blocks and not days: a row per day would carry the day's [N, T, C] windows, T times the
+day-level table (on all A-shares more than the object store of a 24 GB machine holds, so Ray
+spilled it to disk: docs/datapath.md). A block holds about (G + T - 1) / G times it.
+
+Training: the blocks are materialized once per run and `shuffled_each_epoch` re-orders them on
+every pass (block references only, no data moves); the consumer shuffles the days inside every
+block (`within_block_seed`). So the days that travel together are G consecutive trading days,
+in random order, at a random place of the epoch; G=1 gives a uniform permutation of all days at
+T times the memory. Evaluation splits come in date order. Fewer, larger blocks also mean fewer
+requests to Ray Data's split coordinator per day (one RPC and one format conversion per block).
 
 Worker side (`iter_day_batches`): the worker's share arrives a block at a time, is cut into days
-and grouped into batches of D days, padded to the largest N by `collate_days` (Ray Data is never
-asked to concatenate tensors of different N). Training runs this in the worker's feeder actor
+(`days_in_block`: the same DaySamples as iter_shard_days) and grouped into batches of D days,
+padded to the largest N by `collate_days`. Training runs this in the worker's feeder actor
 (data/feeder.py), evaluation in the worker itself.
-
-Rows: date (int64 days since 1970-01-01), instruments (list of str), x [N, T, C] float32,
-y [N] float32 (CSRankNorm target), label [N] float32 (raw LABEL0).
 """
 from __future__ import annotations
 
@@ -36,25 +34,28 @@ import ray
 import ray.train
 from ray.data import DataContext, Dataset, RandomSeedConfig
 
-from fvae_dist.data.shards import DaySample, collate_days, iter_shard_days, load_manifest, shard_entries
+from fvae_dist.data.day_blocks import days_in_block, shard_blocks
+from fvae_dist.data.shards import DaySample, collate_days, load_manifest, read_shard, shard_entries
 from fvae_dist.errors import DataError
 
-_UNIX_DAY = np.datetime64("1970-01-01", "D")
 
-
-def day_dataset(
+def day_blocks(
     dataset_dir: str | Path,
     split: str,
     *,
+    days_per_block: int,
     drop_nan_label: bool = True,
     exclude_instruments: Iterable[str] = (),
     materialize: bool = True,
 ) -> Dataset:
-    """A Ray Dataset of the split's days, one day per block.
+    """A Ray Dataset of the split's day-panel blocks (data/day_blocks.py), one per Ray Data
+    block, in date order.
 
-    materialize=True reads and cuts the shards once (Ray tasks) and keeps the days in the object
-    store, which is what makes the per-epoch shuffle free; False leaves a lazy dataset that
-    re-reads the shards on every pass (fine for a split read once, such as test)."""
+    materialize=True reads the shards once (Ray tasks) and keeps the blocks in the object store,
+    which is what makes the per-epoch shuffle free; False leaves a lazy dataset that re-reads the
+    shards on every pass (fine for a split read once, such as test)."""
+    if days_per_block < 1:
+        raise ValueError(f"days_per_block must be >= 1, got {days_per_block}")
     dataset_dir = str(Path(dataset_dir).resolve())
     manifest = load_manifest(dataset_dir)
     entries = shard_entries(manifest, split)
@@ -62,18 +63,21 @@ def day_dataset(
         raise DataError(f"{dataset_dir}/manifest.json: split {split!r} has no shards")
     _quiet_ray_data()
     ds = ray.data.from_items([{"shard": index} for index in range(len(entries))], override_num_blocks=len(entries))
-    # A block is closed as soon as it exceeds this size, so each day (hundreds of KB) ends up
-    # in a block of its own: block order then is day order.
+    # A Ray Data block is closed as soon as it exceeds this size, so each day-panel block ends up
+    # in one of its own: Ray Data's block order is then date order, and streaming_split hands
+    # out whole day-panel blocks.
     ds.context.target_max_block_size = 1
     # Blocks in shard order, whichever read task finishes first: the per-epoch shuffle permutes
     # this order, so without it a seed would not fix the day order (see DaySplitConfig).
     ds.context.execution_options.preserve_order = True
     ds = ds.flat_map(
-        _shard_rows,
+        _shard_blocks,
         fn_kwargs={
             "dataset_dir": dataset_dir,
             "entries": entries,
-            "manifest": manifest,
+            "features": list(manifest["features"]),
+            "seq_len": int(manifest["seq_len"]),
+            "days_per_block": int(days_per_block),
             "drop_nan_label": drop_nan_label,
             "exclude": sorted(set(exclude_instruments)),
         },
@@ -81,32 +85,14 @@ def day_dataset(
     return ds.materialize() if materialize else ds
 
 
-_NO_BLOCK_LIMIT = 1 << 40  # bytes: larger than any block of days
-
-
-def grouped_days(ds: Dataset, days_per_block: int, seed: int) -> Dataset:
-    """`ds` (one day per block, as day_dataset makes it) re-cut into blocks of `days_per_block`
-    days drawn at random (seeded), materialized. 1 returns `ds` itself. The days are copied once
-    (a Ray Data pass); the one-day blocks are freed when the caller drops `ds`."""
-    if days_per_block < 1:
-        raise ValueError(f"days_per_block must be >= 1, got {days_per_block}")
-    if days_per_block == 1:
-        return ds
-    grouped = ds.randomize_block_order(seed=int(seed)).map_batches(
-        _same_table, batch_size=days_per_block, batch_format="pyarrow", zero_copy_batch=True)
-    # each batch of G days leaves the map as ONE block (day_dataset's limit would cut it up)
-    grouped.context.target_max_block_size = _NO_BLOCK_LIMIT
-    # the groups in the shuffled order whichever task finishes first, so a seed fixes them
-    grouped.context.execution_options.preserve_order = True
-    return grouped.materialize()
-
-
-def _same_table(table):
-    return table
+def _shard_blocks(item: dict, *, dataset_dir, entries, features, seq_len, days_per_block, drop_nan_label,
+                  exclude) -> Iterator[dict]:
+    shard = read_shard(dataset_dir, entries[int(item["shard"])], features, set(exclude) or None)
+    yield from shard_blocks(shard, seq_len=seq_len, days_per_block=days_per_block, drop_nan_label=drop_nan_label)
 
 
 def shuffled_each_epoch(ds: Dataset, seed: int) -> Dataset:
-    """Reshuffle day order on every pass: Ray reseeds from (seed, execution index)."""
+    """Reshuffle block order on every pass: Ray reseeds from (seed, execution index)."""
     return ds.randomize_block_order(seed=RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
 
 
@@ -124,10 +110,13 @@ def within_block_seed(seed: int, epoch: int) -> int:
 class DaySplitConfig(ray.train.DataConfig):
     """How Ray Train hands the datasets to its workers.
 
-    Training days go through streaming_split(equal=True): disjoint days and the same number of
-    them on every worker (a few leftover days are dropped), which keeps DDP's collectives in
-    step. Evaluation splits go through streaming_split(equal=False): still disjoint, but every
-    day is scored once, none dropped; evaluation needs no per-step collective."""
+    Training blocks go through streaming_split(equal=True): disjoint blocks and the same number
+    of them on every worker (up to world size - 1 leftover blocks are dropped). That equalises
+    blocks, not days: a block holds G or a few fewer days (data/day_blocks.py), so the workers'
+    day counts can differ by a few days, and the training loop stops every worker when the first
+    runs out (train/loop.py, LockstepBatches), which keeps DDP's collectives in step. Evaluation
+    splits go through streaming_split(equal=False): still disjoint, but
+    every day is scored once, none dropped; evaluation needs no per-step collective."""
 
     def __init__(self, equal_split: Iterable[str] = ("train",)):
         super().__init__(datasets_to_split="all")
@@ -159,7 +148,8 @@ def iter_day_batches(
     Yields collate_days' dict (x [D, N, T, C], y, label, mask [D, N]) plus "date"
     (datetime64[D], [D]) and "instruments" (list of D arrays). A last group shorter than D is
     dropped when drop_last (training keeps step counts equal); kept for evaluation.
-    shuffle_seed: shuffle the days inside each block (see grouped_days); None keeps their order.
+    shuffle_seed: shuffle the days inside each block (see the module docstring); None keeps
+    their (date) order.
     background=True fetches and pads the next `prefetch_batches` batches in a thread while the
     caller computes (numpy copies and torch kernels release the GIL, so the two overlap)."""
     batches = batches_of_days(iterator, batch_days, prefetch_batches, drop_last, shuffle_seed)
@@ -182,15 +172,17 @@ def batches_of_days(iterator, batch_days: int, prefetch_batches: int, drop_last:
 
 
 def days_of(iterator, prefetch_blocks: int, shuffle_seed: int | None = None) -> Iterator[DaySample]:
-    """The days of a Ray DataIterator or Dataset, one block at a time (batch_size=None: Ray Data
-    hands over its blocks as they are). shuffle_seed: each block's days in an order drawn from
-    (shuffle_seed, the block's first date), so it does not matter which worker gets the block."""
-    for block in iterator.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_blocks):
-        days = [row_to_day(block, row) for row in range(len(block["date"]))]
-        if shuffle_seed is not None and len(days) > 1:
-            rng = np.random.default_rng([int(shuffle_seed), int(block["date"][0])])
-            days = [days[i] for i in rng.permutation(len(days))]
-        yield from days
+    """The days of a Ray DataIterator or Dataset of day-panel blocks, one block at a time
+    (batch_size=None: Ray Data hands over its blocks as they are), windows cut here.
+    shuffle_seed: each block's days in an order drawn from (shuffle_seed, the block's first
+    date), so it does not matter which worker gets the block."""
+    for batch in iterator.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_blocks):
+        for row in range(len(batch["dates"])):
+            days = days_in_block({name: column[row] for name, column in batch.items()})
+            if shuffle_seed is not None and len(days) > 1:
+                rng = np.random.default_rng([int(shuffle_seed), int(batch["dates"][row][0])])
+                days = [days[i] for i in rng.permutation(len(days))]
+            yield from days
 
 
 class InBackground:
@@ -258,36 +250,11 @@ def _put(slots: queue.Queue, stop: threading.Event, item) -> bool:
     return False
 
 
-def row_to_day(block: dict, row: int = 0) -> DaySample:
-    """Row `row` of a numpy batch from Ray Data -> DaySample."""
-    return DaySample(
-        date=_UNIX_DAY + np.timedelta64(int(block["date"][row]), "D"),
-        instruments=np.asarray(block["instruments"][row], dtype=str),
-        x=np.asarray(block["x"][row], dtype=np.float32),
-        y=np.asarray(block["y"][row], dtype=np.float32),
-        label=np.asarray(block["label"][row], dtype=np.float32),
-    )
-
-
 def collate_with_dates(days: list[DaySample]) -> dict:
     batch = collate_days(days)
     batch["date"] = np.array([day.date for day in days], dtype="datetime64[D]")
     batch["instruments"] = [day.instruments for day in days]
     return batch
-
-
-def _shard_rows(item: dict, *, dataset_dir, entries, manifest, drop_nan_label, exclude) -> Iterator[dict]:
-    entry = entries[int(item["shard"])]
-    for day in iter_shard_days(
-        dataset_dir, entry, drop_nan_label=drop_nan_label, exclude_instruments=set(exclude) or None, manifest=manifest
-    ):
-        yield {
-            "date": np.int64((day.date - _UNIX_DAY).astype(np.int64)),
-            "instruments": day.instruments.tolist(),
-            "x": day.x,
-            "y": day.y,
-            "label": day.label,
-        }
 
 
 def _quiet_ray_data() -> None:

@@ -147,7 +147,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def training_batches(source, cfg: ExperimentConfig, epoch: int):
     """One epoch of this worker's training batches: from its feeder actor (data.feeder, the
     feeder starts reading at once) or from its Ray Data shard in background threads. The days
-    inside each block come in an order of this epoch's own (data/stream.py, grouped_days)."""
+    inside each block come in an order of this epoch's own (data/stream.py, within_block_seed)."""
     shuffle_seed = within_block_seed(cfg.train.seed, epoch)
     if cfg.data.feeder:
         return EpochStream(source, cfg.data.batch_days, prefetch_batches=cfg.data.prefetch_batches, drop_last=True,
@@ -159,20 +159,15 @@ def training_batches(source, cfg: ExperimentConfig, epoch: int):
 def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, run_dir: Path, epoch: int, rank: int) -> dict:
     """One pass over this worker's share of the training days; returns all-worker averages.
 
-    Every worker takes the same number of steps, as DDP's gradient all-reduce needs, without a
-    check here: Ray Train hands out the training days through streaming_split(equal=True)
-    (data/stream.py, DaySplitConfig), whose OutputSplitter keeps enough rows buffered to give
-    every worker exactly the same number of days per epoch and drops the remainder. The
-    worker cuts its blocks of data.days_per_block days back into days and batches those into
-    data.batch_days with the short last batch dropped, so each worker takes floor(days /
-    batch_days) steps (tests/train/test_equal_split.py pins this)."""
+    Every worker takes the same number of steps, as DDP's gradient all-reduce needs: see
+    LockstepBatches."""
     engine.module.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl (sums over steps)
     steps, stock_days, stepping = 0, 0, 0.0
     dates: list[str] = []
     faults_before, preemptions_before = minor_faults_this_thread(), preemptions_this_thread()
     start = time.perf_counter()
-    fetching = TimedBatches(batches)
+    fetching = LockstepBatches(batches, world, device)
     for batch in fetching:
         x, mask, y = to_device(batch, device)
         before = time.perf_counter()
@@ -376,21 +371,54 @@ def _default_builder(model_cfg):
     return build_model(model_cfg)
 
 
-class TimedBatches:
-    """`batches`, timing how long each one takes to arrive: the epoch's data wait."""
+class LockstepBatches:
+    """This worker's batches for as long as every worker still has one.
 
-    def __init__(self, batches):
-        self._batches = batches
+    DDP's gradient all-reduce hangs unless every worker runs the same number of steps. Ray Train
+    hands the training data out through streaming_split(equal=True), which equalises ROWS, and a
+    row is a block of up to data.days_per_block consecutive days (data/day_blocks.py): a shard's
+    last block is shorter and days without a sample are left out, so two workers' shares can
+    differ by a few days, and their step counts with them. So every step each worker publishes
+    whether it still has a batch (a MIN all-reduce over the process group) and all stop when the
+    first runs out; at most a few of the longer share's days are left out of that epoch
+    (tests/train/test_train_run.py: unequal shares). The flag for batch k+1 is sent before batch
+    k is handed out, so its exchange overlaps step k instead of sitting between steps.
+    `wait_seconds`: time spent fetching batches (the data wait), flags not included."""
+
+    def __init__(self, batches, world: int, device):
+        self._batches, self._world = batches, world
+        self._device = device
         self.wait_seconds = 0.0
 
     def __iter__(self):
-        while True:
-            started = time.perf_counter()
-            batch = next(self._batches, None)
-            self.wait_seconds += time.perf_counter() - started
-            if batch is None:
-                return
+        batch = self._fetch()
+        if self._world == 1:
+            while batch is not None:
+                yield batch
+                batch = self._fetch()
+            return
+        pending = self._send_flag(batch is not None)
+        while self._all_have(pending):
+            following = self._fetch()
+            pending = self._send_flag(following is not None)  # overlaps the step on `batch`
             yield batch
+            batch = following
+
+    def _fetch(self):
+        started = time.perf_counter()
+        batch = next(self._batches, None)
+        self.wait_seconds += time.perf_counter() - started
+        return batch
+
+    def _send_flag(self, have: bool):
+        flag = torch.tensor([1 if have else 0], dtype=torch.int32, device=_collective_device(self._device))
+        return flag, dist.all_reduce(flag, op=dist.ReduceOp.MIN, async_op=True)
+
+    @staticmethod
+    def _all_have(pending) -> bool:
+        flag, work = pending
+        work.wait()
+        return bool(flag.item())
 
 
 def _all_reduce_sum(values: torch.Tensor, device) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from fvae_dist import accel
 from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, with_data_features, write_text_atomic
 from fvae_dist.data.shards import MANIFEST_NAME, load_manifest, manifest_hash
-from fvae_dist.data.stream import DaySplitConfig, day_dataset, epoch_seed, grouped_days, shuffled_each_epoch
+from fvae_dist.data.stream import DaySplitConfig, day_blocks, epoch_seed, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, user_error
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
@@ -109,21 +109,18 @@ def build_trainer(
         name = getattr(cfg.data, role)
         if name not in splits:
             raise DataError(f"{dataset_dir}/manifest.json: data.{role}={name!r} is not a split; it has {sorted(splits)}")
-    exclude = cfg.data.exclude_instruments
-    train_days = grouped_days(
-        day_dataset(dataset_dir, cfg.data.train_split, drop_nan_label=True, exclude_instruments=exclude),
-        cfg.data.days_per_block, seed=cfg.train.seed)
+    blocks = dict(days_per_block=cfg.data.days_per_block, drop_nan_label=True,
+                  exclude_instruments=cfg.data.exclude_instruments)
+    train_blocks = day_blocks(dataset_dir, cfg.data.train_split, **blocks)
     datasets = {
         # A callable: Ray Train evaluates it each time it (re)starts the worker group, so a
         # restarted run seeds its day shuffle from the epoch it resumes at.
-        "train": lambda: shuffled_each_epoch(train_days, epoch_seed(cfg.train.seed, completed_epochs(run_dir))),
-        cfg.data.valid_split: day_dataset(dataset_dir, cfg.data.valid_split, drop_nan_label=True, exclude_instruments=exclude),
+        "train": lambda: shuffled_each_epoch(train_blocks, epoch_seed(cfg.train.seed, completed_epochs(run_dir))),
+        cfg.data.valid_split: day_blocks(dataset_dir, cfg.data.valid_split, **blocks),
     }
     eval_splits = [cfg.data.valid_split]
     if cfg.data.test_split in splits and cfg.data.test_split not in datasets:
-        datasets[cfg.data.test_split] = day_dataset(
-            dataset_dir, cfg.data.test_split, drop_nan_label=True, exclude_instruments=exclude, materialize=False
-        )
+        datasets[cfg.data.test_split] = day_blocks(dataset_dir, cfg.data.test_split, **blocks, materialize=False)
         eval_splits.append(cfg.data.test_split)
 
     loop_config = {

@@ -1,13 +1,17 @@
-"""data/stream.py: the Ray Dataset of days and the per-step batches cut from it."""
+"""data/stream.py: the Ray Dataset of day-panel blocks and the per-step batches cut from it
+(that the cut days are iter_shard_days' own, bit for bit: test_day_blocks.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from fvae_dist.data.shards import iter_shard_days, load_manifest, shard_entries
-from fvae_dist.data.stream import day_dataset, grouped_days, iter_day_batches, shuffled_each_epoch
+from fvae_dist.data.stream import day_blocks, iter_day_batches, shuffled_each_epoch
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
+
+
+G = 4  # days per block in these tests: the toy's 12-day training shards become 3 blocks of 4
 
 
 def _expected_days(toy_dir, split, exclude=None):
@@ -19,24 +23,32 @@ def _expected_days(toy_dir, split, exclude=None):
     }
 
 
-def test_rows_are_the_splits_days_one_per_block(ray_local, toy_dir):
-    ds = day_dataset(toy_dir, "train")
-    expected = _expected_days(toy_dir, "train")
-    assert ds.count() == len(expected) == ds.num_blocks()
+def _blocks(ds) -> list[list[str]]:
+    """The dates of each block, in block order."""
+    return [[str(np.datetime64(int(d), "D")) for d in dates]
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy") for dates in batch["dates"]]
+
+
+def test_blocks_are_runs_of_consecutive_days_in_date_order(ray_local, toy_dir):
+    ds = day_blocks(toy_dir, "train", days_per_block=G)
+    dates = sorted(_expected_days(toy_dir, "train"))
+    blocks = _blocks(ds)
+    assert ds.count() == ds.num_blocks() == len(blocks) == 6
+    assert blocks == [dates[i : i + G] for i in range(0, len(dates), G)]
     seen = {}
     for batch in iter_day_batches(ds, 1, drop_last=False):
-        day = expected[str(batch["date"][0])]
+        day = _expected_days(toy_dir, "train")[str(batch["date"][0])]
         n = int(batch["mask"][0].sum())
         np.testing.assert_array_equal(batch["x"][0, :n], day.x)
         np.testing.assert_array_equal(batch["instruments"][0], day.instruments)
         np.testing.assert_array_equal(batch["y"][0, :n], day.y)
         seen[str(batch["date"][0])] = n
-    assert set(seen) == set(expected)
+    assert list(seen) == dates, "evaluation reads the days in date order"
 
 
 def test_excluded_instruments_never_appear(ray_local, toy_dir):
     excluded = {"SH600000", "SH600003"}
-    ds = day_dataset(toy_dir, "valid", exclude_instruments=excluded)
+    ds = day_blocks(toy_dir, "valid", days_per_block=G, exclude_instruments=excluded)
     instruments = set()
     for batch in iter_day_batches(ds, 1, drop_last=False):
         instruments.update(batch["instruments"][0].tolist())
@@ -44,55 +56,38 @@ def test_excluded_instruments_never_appear(ray_local, toy_dir):
 
 
 def test_batches_pad_days_to_the_largest_n(ray_local, toy_dir):
-    ds = day_dataset(toy_dir, "train")
+    ds = day_blocks(toy_dir, "train", days_per_block=G)
+    n_days = len(_expected_days(toy_dir, "train"))
     batches = list(iter_day_batches(ds, 5, drop_last=True))
-    assert len(batches) == ds.count() // 5
+    assert len(batches) == n_days // 5
     for batch in batches:
         D, N = batch["mask"].shape
         assert D == 5 and batch["x"].shape[:2] == (D, N) and N == batch["mask"].sum(axis=1).max()
         assert np.all(batch["x"][~batch["mask"]] == 0)
     tail = list(iter_day_batches(ds, 5, drop_last=False))
-    assert len(tail) == -(-ds.count() // 5) and tail[-1]["mask"].shape[0] == ds.count() % 5
+    assert len(tail) == -(-n_days // 5) and tail[-1]["mask"].shape[0] == n_days % 5
 
 
-def test_day_order_is_reshuffled_every_pass(ray_local, toy_dir):
-    ds = shuffled_each_epoch(day_dataset(toy_dir, "train"), seed=3)
-    orders = [[str(b["date"][0]) for b in iter_day_batches(ds, 1)] for _ in range(2)]
-    assert sorted(orders[0]) == sorted(orders[1])
+def test_block_order_is_reshuffled_every_pass(ray_local, toy_dir):
+    blocks = day_blocks(toy_dir, "train", days_per_block=G)
+    ds = shuffled_each_epoch(blocks, seed=3)
+    orders = [_blocks(ds) for _ in range(2)]
+    assert sorted(orders[0]) == sorted(orders[1]) == _blocks(blocks)
     assert orders[0] != orders[1]
 
 
-def _blocks(ds) -> list[list[str]]:
-    """The dates of each block, in block order."""
-    return [[str(np.datetime64(int(d), "D")) for d in block["date"]]
-            for block in ds.iter_batches(batch_size=None, batch_format="numpy")]
-
-
-def test_grouped_days_hold_every_day_once_in_random_groups_of_g(ray_local, toy_dir):
-    days = day_dataset(toy_dir, "train")
-    dates = sorted(_expected_days(toy_dir, "train"))
-    groups = _blocks(grouped_days(days, 4, seed=0))
-    assert len(groups) == -(-len(dates) // 4) and all(len(group) == 4 for group in groups[:-1])
-    assert sorted(date for group in groups for date in group) == dates
-    consecutive = [dates[i : i + 4] for i in range(0, len(dates), 4)]
-    assert groups != consecutive, "the groups should be drawn at random, not cut from the calendar"
-    assert _blocks(grouped_days(days, 4, seed=0)) == groups, "a seed fixes the groups"
-    assert _blocks(grouped_days(days, 4, seed=1)) != groups
-    assert grouped_days(days, 1, seed=0) is days
-
-
 def test_days_inside_each_block_are_shuffled_by_the_epochs_seed(ray_local, toy_dir):
-    grouped = grouped_days(day_dataset(toy_dir, "train"), 4, seed=0)
-    stored = _blocks(grouped)
+    blocks = day_blocks(toy_dir, "train", days_per_block=G)
+    stored = _blocks(blocks)
 
     def order(seed):
-        return [str(b["date"][0]) for b in iter_day_batches(grouped, 1, drop_last=False, shuffle_seed=seed)]
+        return [str(b["date"][0]) for b in iter_day_batches(blocks, 1, drop_last=False, shuffle_seed=seed)]
 
     assert order(None) == [date for group in stored for date in group]
     first, again, other = order(7), order(7), order(8)
     assert first == again and first != other
     for run in (first, other):  # each block's days stay together, in their own order
-        cut = [run[i : i + 4] for i in range(0, len(run), 4)]
+        cut = [run[i : i + G] for i in range(0, len(run), G)]
         assert [sorted(c) for c in cut] == [sorted(g) for g in stored]
     assert first != order(None)
 
@@ -109,7 +104,7 @@ def test_workers_that_would_starve_ray_data_are_refused(ray_local, toy_dir):
 
 
 def test_background_prefetch_yields_the_same_batches(ray_local, toy_dir):
-    ds = day_dataset(toy_dir, "valid")
+    ds = day_blocks(toy_dir, "valid", days_per_block=G)
     plain = list(iter_day_batches(ds, 3, drop_last=False))
     threaded = list(iter_day_batches(ds, 3, drop_last=False, background=True))
     # Ray does not promise the same block order on every pass: compare contents, not order

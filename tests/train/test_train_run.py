@@ -23,6 +23,7 @@ from fvae_dist.train.engine import deepspeed_safe_globals
 from fvae_dist.train.predict import predict_split
 from fvae_dist.train.trainer import train
 from tests.train.conftest import tiny_overrides
+from tests.train.toy_dataset import write_toy_dataset
 
 pytestmark = [pytest.mark.ray]
 
@@ -119,6 +120,27 @@ def test_workers_train_on_disjoint_days_with_equal_steps(first_run, toy_dir):
     assert orders[0] != orders[1], "day order should be reshuffled every epoch"
 
 
+@pytest.mark.timeout(400)
+def test_workers_with_unequal_day_shares_take_equal_steps(ray_local, storage, tmp_path):
+    """streaming_split(equal=True) gives each worker equally many blocks, not days: 25 training
+    days in shards of 13 and 12 at data.days_per_block=5 are blocks of 5, 4, 4 and 4, 4, 4 days,
+    so the shares hold 13 and 12 days. Both workers take 12 steps every epoch (the loop stops
+    them when the first runs out, so DDP never waits for a step one worker skips) and the run
+    ends."""
+    toy = write_toy_dataset(tmp_path / "uneven", split_days={"train": 25, "valid": 4, "test": 4})
+    outcome = train(load_config(None, tiny_overrides(
+        toy, storage, "uneven-shares", "train.epochs=2", "train.audit_days=true", "data.days_per_block=5",
+        "train.early_stopping_patience=0", "data.test_split=none")))
+    assert outcome.metrics["epochs_completed"] == 2
+    for epoch in range(2):
+        audits = [json.loads((outcome.run_dir / "audit" / f"epoch-{epoch:04d}-rank-{r}.json").read_text())
+                  for r in (0, 1)]
+        assert audits[0]["steps"] == audits[1]["steps"] == 12
+        assert not set(audits[0]["dates"]) & set(audits[1]["dates"])
+        assert len(set(audits[0]["dates"]) | set(audits[1]["dates"])) == 24
+        assert outcome.metrics["history"][epoch]["train_steps"] == 12
+
+
 @pytest.mark.timeout(120)
 def test_predict_scores_every_stock_day_of_the_test_split(first_run, toy_dir, capsys):
     outcome, _ = first_run
@@ -196,9 +218,10 @@ def test_early_stopping_ends_the_run_and_the_cluster_still_runs_datasets(ray_loc
     metrics = train(cfg).metrics
     assert metrics["epochs_completed"] == 2 and metrics["stopped_early"]
     assert metrics["final"]["test"]["days"] == load_manifest(toy_dir)["splits"]["test"]["n_days"]
-    from fvae_dist.data.stream import day_dataset
+    from fvae_dist.data.stream import day_blocks, iter_day_batches
 
-    assert day_dataset(toy_dir, "valid").count() == load_manifest(toy_dir)["splits"]["valid"]["n_days"]
+    days = sum(len(b["date"]) for b in iter_day_batches(day_blocks(toy_dir, "valid", days_per_block=2), 1))
+    assert days == load_manifest(toy_dir)["splits"]["valid"]["n_days"]
 
 
 @pytest.mark.timeout(400)

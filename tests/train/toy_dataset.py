@@ -98,3 +98,46 @@ def _shard_frame(calendar, instruments, features, feats, label, in_universe, day
     frame["label_norm"] = ((ranks - ranks.groupby(frame["date"]).transform("mean"))
                            / ranks.groupby(frame["date"]).transform("std")).astype(np.float32)
     return frame
+
+
+def add_edge_cases(dataset_dir: str | Path, *, late_listed: str = "SH600005") -> Path:
+    """Edit a toy data set (write_toy_dataset's) in place so that its shards hold the cases a
+    reader must get right besides the plain day:
+
+    - the first training shard carries no halo, as a split starting at the first day of the
+      data does: its first windows are left-padded with zeros;
+    - `late_listed` has no rows in that shard's first 6 days (a stock listed later): its first
+      windows hold zeros before its first row;
+    - in the second training shard, one day has no label at all (no sample once NaN labels are
+      dropped) and the day after has no stock in the universe (no sample either way), both
+      inside the shard, so later days' windows reach over them.
+    """
+    dataset_dir = Path(dataset_dir)
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    train = [entry for entry in manifest["shards"] if entry["split"] == "train"]
+    first, second = train[0], train[1]
+
+    frame = pd.read_parquet(dataset_dir / first["path"])
+    dates = np.sort(frame["date"].unique())
+    own_start = np.datetime64(first["own_start"], "ns")
+    frame = frame[frame["date"] >= own_start]
+    early = np.sort(frame["date"].unique())[:6]
+    frame = frame[~(frame["instrument"].eq(late_listed) & frame["date"].isin(early))]
+    _rewrite(dataset_dir, first, frame)
+    first["halo_start"] = first["own_start"]
+    assert len(dates) > len(np.unique(frame["date"])), "the toy shard had a halo to drop"
+
+    frame = pd.read_parquet(dataset_dir / second["path"])
+    own_days = np.sort(frame.loc[frame["date"] >= np.datetime64(second["own_start"], "ns"), "date"].unique())
+    no_label, no_universe = own_days[3], own_days[4]
+    frame.loc[frame["date"].eq(no_label), ["label", "label_norm"]] = np.nan
+    frame.loc[frame["date"].eq(no_universe), "in_universe"] = False
+    frame.loc[frame["date"].eq(no_universe), "label_norm"] = np.nan
+    _rewrite(dataset_dir, second, frame)
+    (dataset_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return dataset_dir
+
+
+def _rewrite(dataset_dir: Path, entry: dict, frame: pd.DataFrame) -> None:
+    pq.write_table(pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False), dataset_dir / entry["path"])
+    entry["n_rows"] = int(len(frame))
