@@ -174,8 +174,9 @@ class TrainConfig:
         require(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", self.precision)
         require(self.deepspeed_zero_stage in (0, 1, 2), "train.deepspeed_zero_stage", "0, 1 or 2", self.deepspeed_zero_stage)
         require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
-        from fvae_dist.accel import enabled_paths
+        from fvae_dist.accel import canonical, enabled_paths
 
+        object.__setattr__(self, "cpu_kernels", canonical(self.cpu_kernels))  # YAML's off is False
         enabled_paths(self.cpu_kernels)  # ConfigError naming train.cpu_kernels when unknown
         require(self.torch_threads >= 0, "train.torch_threads", "an integer >= 0 (0 = from ray.cpus_per_worker)", self.torch_threads)
 

@@ -28,9 +28,15 @@ PATHS = ("gru", "allocator")
 SETTING = "train.cpu_kernels"
 
 
+def canonical(setting) -> str:
+    """YAML reads a bare `off` as the boolean false (and `on` as true): both mean the words."""
+    value = str(setting).strip().lower()
+    return {"false": "off", "no": "off", "true": "auto", "on": "auto", "yes": "auto"}.get(value, value)
+
+
 def enabled_paths(setting: str) -> frozenset[str]:
     """The paths a `train.cpu_kernels` value turns on; ConfigError naming the setting otherwise."""
-    value = str(setting).strip().lower()
+    value = canonical(setting)
     if value == "auto":
         return frozenset(PATHS)
     if value in ("off", "none", ""):

@@ -18,6 +18,12 @@ def test_settings_select_paths():
     assert accel.enabled_paths(" allocator , gru ") == {"gru", "allocator"}
 
 
+def test_yaml_off_and_on_mean_the_words():
+    """A bare `off` in YAML (or key=value) arrives as the boolean false."""
+    assert config_from_dict({"train": {"cpu_kernels": False}}).train.cpu_kernels == "off"
+    assert config_from_dict({"train": {"cpu_kernels": True}}).train.cpu_kernels == "auto"
+
+
 def test_an_unknown_path_is_refused_naming_the_setting():
     with pytest.raises(ConfigError, match=r"train\.cpu_kernels='fused'.*gru, allocator"):
         config_from_dict({"train": {"cpu_kernels": "fused"}})
