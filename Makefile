@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# The whole suite with the CPU fast paths (train.cpu_kernels=auto), then the training run's
+# tests once more with them off: the model exactly as written must train the same way.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests/train/test_train_run.py --cpu-kernels=off
 
 bench: $(STAMP)
 	$(PY) scripts/bench_prepare.py --out bench/prepare.json

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.toy_dataset import write_toy_dataset
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside the repository; FVAE_SHARED_DIR points elsewhere (e.g. from a git worktree)
 SHARED = Path(os.environ.get("FVAE_SHARED_DIR") or REPO_ROOT / ".." / "shared").resolve()
@@ -35,3 +37,32 @@ def fvae_ray():
     ensure_ray(load_config(None, ["ray.num_cpus=2"]))
     yield ray
     ray.shutdown()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-kernels", default="auto", choices=("auto", "off"),
+                     help="train.cpu_kernels for the training tests' runs (make test runs them once with off)")
+
+
+def pytest_configure(config):
+    import tests.toy_dataset as toy
+
+    toy.CPU_KERNELS = config.getoption("--cpu-kernels")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Ray with 2 CPUs, as on the target laptop: 2 workers x 0.5 CPU leave 1 CPU to Ray Data."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    return write_toy_dataset(tmp_path_factory.mktemp("toy") / "dataset")

@@ -179,7 +179,7 @@ def test_num_features_comes_from_the_data_sets_manifest():
 
 def test_train_refuses_a_num_features_the_data_set_does_not_have_before_ray_starts(capsys, tmp_path):
     from fvae_dist.cli import main
-    from tests.train.toy_dataset import write_toy_dataset
+    from tests.toy_dataset import write_toy_dataset
 
     dataset = write_toy_dataset(tmp_path / "ds", n_features=4)
     assert main(["train", f"data.dataset_dir={dataset}", "model.num_features=20",

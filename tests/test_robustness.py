@@ -37,7 +37,7 @@ from fvae_dist.robustness import (MODELS, HeldOutScoring, RunSpec, draw_held_out
                                   scorable_instruments, score_held_out)
 from fvae_dist.tune.grid import read_record
 from tests.data.frame_source import random_walk_bars
-from tests.train.toy_dataset import write_toy_dataset
+from tests.toy_dataset import write_toy_dataset
 from tests.tune.conftest import start_cli, wait_for
 
 # The builders and fake run functions below run in Ray workers, which cannot import this file.

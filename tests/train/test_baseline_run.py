@@ -14,7 +14,7 @@ from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train.predict import predict_split
 from fvae_dist.train.trainer import train
-from tests.train.conftest import tiny_overrides
+from tests.toy_dataset import tiny_overrides
 
 pytestmark = [pytest.mark.ray]
 

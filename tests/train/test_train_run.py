@@ -22,8 +22,8 @@ from fvae_dist.errors import DataError
 from fvae_dist.train.engine import deepspeed_safe_globals
 from fvae_dist.train.predict import predict_split
 from fvae_dist.train.trainer import train
-from tests.train.conftest import tiny_overrides
-from tests.train.toy_dataset import write_toy_dataset
+from tests.toy_dataset import tiny_overrides
+from tests.toy_dataset import write_toy_dataset
 
 pytestmark = [pytest.mark.ray]
 

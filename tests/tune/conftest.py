@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.toy_dataset import write_toy_dataset
+from tests.toy_dataset import write_toy_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_MODEL = {"model.num_features": 4, "model.seq_len": 5}

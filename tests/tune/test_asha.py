@@ -14,8 +14,8 @@ from fvae_dist.tune.campaign import CampaignPlan, asha
 from fvae_dist.tune.results import read_metrics
 from fvae_dist.tune.run import Experiment, run_experiment
 from fvae_dist.tune.spec import EPOCHS_DONE
-from tests.train.conftest import TINY_MODEL
-from tests.train.toy_dataset import write_toy_dataset
+from tests.toy_dataset import TINY_MODEL
+from tests.toy_dataset import write_toy_dataset
 
 EPOCHS = 6
 

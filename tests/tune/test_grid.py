@@ -7,7 +7,7 @@ import pytest
 from fvae_dist.config import load_config
 from fvae_dist.errors import ConfigError
 from fvae_dist.tune.grid import fingerprint, read_record, run_grid, write_record
-from tests.train.conftest import TINY_MODEL
+from tests.toy_dataset import TINY_MODEL
 
 
 def trial_cfg(toy_dir, *extra):

@@ -9,7 +9,7 @@ import pytest
 from fvae_dist.data.feeder import EpochStream, feeder_for
 from fvae_dist.data.shards import load_manifest
 from fvae_dist.data.stream import day_blocks, iter_day_batches, shuffled_each_epoch
-from tests.train.toy_dataset import write_toy_dataset
+from tests.toy_dataset import write_toy_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

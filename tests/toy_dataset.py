@@ -141,3 +141,16 @@ def add_edge_cases(dataset_dir: str | Path, *, late_listed: str = "SH600005") ->
 def _rewrite(dataset_dir: Path, entry: dict, frame: pd.DataFrame) -> None:
     pq.write_table(pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False), dataset_dir / entry["path"])
     entry["n_rows"] = int(len(frame))
+
+
+# A model small enough that Ray's own start-up dominates a test run.
+TINY_MODEL = ["model.num_features=4", "model.seq_len=5", "model.hidden_size=8", "model.num_factors=2",
+              "model.num_portfolios=4"]
+# train.cpu_kernels of every tiny run (tests/conftest.py sets it from --cpu-kernels)
+CPU_KERNELS = "auto"
+
+
+def tiny_overrides(dataset_dir, storage, run_name, *extra):
+    """key=value overrides of a tiny training run on `dataset_dir` (later `extra` ones win)."""
+    return [f"data.dataset_dir={dataset_dir}", f"ray.storage_path={storage}", f"ray.run_name={run_name}",
+            *TINY_MODEL, f"train.cpu_kernels={CPU_KERNELS}", *extra]

@@ -12,7 +12,7 @@ from fvae_dist.data.day_blocks import days_in_block, shard_blocks
 from fvae_dist.data.shards import iter_shard_days, load_manifest, read_shard, shard_entries
 from fvae_dist.data.stream import day_blocks, days_of, iter_day_batches
 from fvae_dist.errors import DataError
-from tests.train.toy_dataset import add_edge_cases, write_toy_dataset
+from tests.toy_dataset import add_edge_cases, write_toy_dataset
 
 SPLITS = ("train", "valid", "test")
 HELD_OUT = frozenset({"SH600001", "SH600005"})  # SH600005 is also the late-listed stock
