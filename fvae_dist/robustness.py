@@ -193,12 +193,14 @@ def draw_held_out(instruments: Sequence[str], m: int, seed: int) -> list[str]:
 
 
 def run_config(cfg: ExperimentConfig, spec: RunSpec, held_out: Sequence[str],
-               dataset_dir: str | Path | None = None) -> ExperimentConfig:
-    """The config of one run: the model, the held-out stocks, the seed and, when given, the data
+               dataset_dir: str | Path | None = None, model_overrides: Mapping[str, Any] = ()) -> ExperimentConfig:
+    """The config of one run: the model (and `model_overrides`, its own settings such as a
+    learning rate chosen on validation), the held-out stocks, the seed and, when given, the data
     set of its (m, seed). The grid puts it in its own run folder, runs/<spec.name>."""
     data = {} if dataset_dir is None else {"data.dataset_dir": str(dataset_dir)}
     return with_overrides(cfg, {
         **MODELS[spec.model].overrides,
+        **dict(model_overrides),
         **data,
         "data.exclude_instruments": sorted(held_out),
         "train.seed": cfg.train.seed + spec.seed,
@@ -261,6 +263,7 @@ def run_robustness(
     log: Callable[[str], None] = print,
     reuse_normalisation: bool = False,
     scoring: Callable[[Mapping[str, Sequence[str]]], Callable] = HeldOutScoring,
+    model_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> JobSummary:
     """Run the grid models x ms x range(seeds); return the results table and counts.
 
@@ -269,7 +272,9 @@ def run_robustness(
     reuse_normalisation: train every run on data.dataset_dir instead of a data set per (m, seed)
             whose normalisation is fitted without its held-out stocks (faster; see the module doc).
     model_builder, scoring: seams for tests (a model builder run in the Train workers; what
-            makes the after-fit step from the held-out stocks by run name)."""
+            makes the after-fit step from the held-out stocks by run name).
+    model_overrides: per model key, settings of its own on top of cfg (`fvae-dist reproduce`
+            passes each model's validation-chosen values)."""
     started = time.perf_counter()
     models = resolve_models(models)
     ms = list(dict.fromkeys(int(m) for m in ms))
@@ -305,7 +310,8 @@ def run_robustness(
         datasets, prepares = prepare_held_out_datasets(dataset_dir, paths, held_out, log)
 
     specs = [RunSpec(model, m, seed) for model in models for m in ms for seed in range(seeds)]
-    configs = {spec.name: run_config(cfg, spec, held_out[spec.m, spec.seed], datasets[spec.m, spec.seed])
+    configs = {spec.name: run_config(cfg, spec, held_out[spec.m, spec.seed], datasets[spec.m, spec.seed],
+                                     (model_overrides or {}).get(spec.model, {}))
                for spec in specs}
     tables = ResultTables(paths, specs, held_out, log)
     outcome = run_grid(RUNS_DIR, paths.root, configs, max_concurrent=max_parallel, max_failures=retries,

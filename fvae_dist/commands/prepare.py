@@ -23,6 +23,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--feature-set", default="alpha158_20", choices=sorted(FEATURE_SETS),
                         help="alpha158_20 (default): the 20 Alpha158 features of the paper and Qlib's time-series "
                         "benchmarks; alpha158: all 158, in Qlib's order")
+    parser.add_argument("--universe", default="padded", choices=("padded", "full-window"),
+                        help="a day's samples: padded (default) every stock with a bar that day, windows "
+                        "zero-padded where history is missing (Qlib's way); full-window only stocks traded "
+                        "on all T days of the window (the paper's eq. 2: no padding, no suspended days)")
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="target stock-days per shard")
     parser.add_argument("--chunk-size", type=int, default=256, help="instruments per processing chunk (memory bound)")
     parser.add_argument("--no-progress", action="store_true")
@@ -48,6 +52,7 @@ def run(args) -> int:
         shard_rows=args.shard_rows,
         chunk_size=args.chunk_size,
         progress=not args.no_progress,
+        universe=args.universe,
     )
     manifest = result.manifest
     if result.reused:

@@ -46,6 +46,12 @@ from fvae_dist.errors import ConfigError, DataError
 # on where the series starts.)
 FEATURE_LOOKBACK_DAYS = 64
 LABEL_HORIZON_DAYS = 2  # y_t = close[t+2] / close[t+1] - 1
+# Which stocks are a day's samples:
+#   padded       every stock with a bar (close) that day; suspended days count, windows that
+#                reach before a stock's first bar or over missing bars hold zeros (Qlib's way)
+#   full-window  the paper's eq. 2: only stocks traded (a close and volume > 0) on all T days of
+#                the window, so no window is padded and no suspended day is a sample
+UNIVERSE_RULES = ("padded", "full-window")
 DEFAULT_SHARD_ROWS = 200_000  # ~20 MB uncompressed with 20 features, ~130 MB with 158: good for streaming
 RAW_ROW_GROUP = 65_536
 EXCLUDED_LIST_LIMIT = 2_000  # the manifest lists excluded instruments up to this many, else only count + hash
@@ -116,10 +122,14 @@ def prepare_dataset(
     chunk_size: int = 256,
     progress: bool = True,
     fit_exclude_instruments: Iterable[str] = (),
+    universe: str = "padded",
 ) -> PrepareResult:
     """Build the data set in out_dir, or reuse it when its fingerprint (input and settings) matches.
 
-    fit_exclude_instruments: stocks left out of the normalisation fit (not out of the shards)."""
+    fit_exclude_instruments: stocks left out of the normalisation fit (not out of the shards).
+    universe: which stocks are a day's samples, one of UNIVERSE_RULES."""
+    if universe not in UNIVERSE_RULES:
+        raise ConfigError(f"--universe {universe!r}: expected one of {', '.join(UNIVERSE_RULES)}")
     if feature_set not in FEATURE_SETS:
         raise ConfigError(f"feature set {feature_set!r} unknown; expected one of {sorted(FEATURE_SETS)}")
     if seq_len < 1:
@@ -130,7 +140,7 @@ def prepare_dataset(
     splits = resolve_splits(source.calendar, splits, warmup_days=seq_len)
     excluded = _checked_exclusions(source, fit_exclude_instruments)
     settings = prepare_settings(source.fingerprint(), source_open_args(source), splits.to_json(), seq_len,
-                                feature_set, shard_rows, excluded)
+                                feature_set, shard_rows, excluded, universe)
     fingerprint = settings_fingerprint(settings)
     existing = existing_manifest(out_dir)
     if existing is not None and existing.get("fingerprint") == fingerprint:
@@ -140,7 +150,8 @@ def prepare_dataset(
     (tmp / "raw").mkdir(parents=True)
     (tmp / "shards").mkdir()
     try:
-        manifest = _build(source, tmp, splits, seq_len, feature_set, shard_rows, chunk_size, progress, excluded)
+        manifest = _build(source, tmp, splits, seq_len, feature_set, shard_rows, chunk_size, progress, excluded,
+                          universe)
         manifest.update(fingerprint=fingerprint, settings=settings, build={"chunk_size": chunk_size})
         with open(tmp / MANIFEST_NAME, "w") as handle:
             json.dump(manifest, handle, indent=1)
@@ -152,7 +163,7 @@ def prepare_dataset(
 
 
 def prepare_settings(source_fingerprint: str, source_open: dict | None, splits_json: dict, seq_len: int,
-                     feature_set: str, shard_rows: int, fit_excluded: list[str]) -> dict:
+                     feature_set: str, shard_rows: int, fit_excluded: list[str], universe: str = "padded") -> dict:
     """Everything that decides a data set's content; its hash is the prepare fingerprint."""
     settings = {
         "format_version": FORMAT_VERSION,
@@ -166,6 +177,8 @@ def prepare_settings(source_fingerprint: str, source_open: dict | None, splits_j
     }
     if fit_excluded:  # absent when empty: a plain prepare's fingerprint does not mention the feature
         settings["fit_exclude_instruments"] = {"count": len(fit_excluded), "sha256": instruments_hash(fit_excluded)}
+    if universe != "padded":  # likewise: data sets of the default rule keep their fingerprints
+        settings["universe"] = universe
     return settings
 
 
@@ -206,7 +219,7 @@ def source_open_args(source) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 
 def _build(source, tmp: Path, splits: Splits, seq_len, feature_set, shard_rows, chunk_size, progress,
-           fit_excluded: list[str]) -> dict:
+           fit_excluded: list[str], universe_rule: str = "padded") -> dict:
     features = list(FEATURE_SETS[feature_set])
     calendar = np.asarray(source.calendar, dtype="datetime64[D]")
     first_window_day = calendar[max(0, int(np.searchsorted(calendar, splits.train[0])) - (seq_len - 1))]
@@ -218,6 +231,8 @@ def _build(source, tmp: Path, splits: Splits, seq_len, feature_set, shard_rows, 
         iter_feature_frames(source, feature_set, first_window_day, splits.test[1], chunk_size, progress)
     ):
         frame["in_universe"] = _universe_mask(frame, bars, splits, membership)
+        if universe_rule == "full-window":
+            frame["in_universe"] &= traded_whole_window(frame, bars, calendar, seq_len)
         frame[LABEL_NAME] = _purge_labels_across_splits(frame, splits, calendar)
         frame = frame.sort_values(["date", "instrument"], kind="stable")
         pq.write_table(
@@ -253,6 +268,7 @@ def _build(source, tmp: Path, splits: Splits, seq_len, feature_set, shard_rows, 
         "label": LABEL_NAME,
         "target": "label_norm",
         "seq_len": seq_len,
+        "universe_rule": universe_rule,
         "splits": {
             name: {"start": str(start), "end": str(end), **universe[name]}
             for name, (start, end) in splits.items()
@@ -306,6 +322,25 @@ def _universe_mask(frame: pd.DataFrame, bars: pd.DataFrame, splits: Splits, memb
     if membership is not None:
         mask &= _is_member(frame["instrument"].to_numpy(dtype=str), dates, membership)
     return mask
+
+
+def traded_whole_window(frame: pd.DataFrame, bars: pd.DataFrame, calendar: np.ndarray, seq_len: int) -> np.ndarray:
+    """For each (date, instrument) row of `frame`: did the stock trade (a close and volume > 0) on
+    every one of the seq_len trading days of `calendar` that end at that date? (eq. 2's universe.)"""
+    traded = bars[["date", "instrument"]].copy()
+    traded["date"] = traded["date"].to_numpy(dtype="datetime64[D]")
+    traded = traded[(bars["close"].notna() & (bars["volume"].fillna(0) > 0)).to_numpy()]
+    codes = pd.Index(pd.unique(np.concatenate([frame["instrument"].to_numpy(dtype=str),
+                                               traded["instrument"].to_numpy(dtype=str)])))
+    span = len(calendar) + seq_len   # keys of different stocks never fall into one window
+    def keys(dates, instruments):
+        return (codes.get_indexer(np.asarray(instruments, dtype=str)).astype(np.int64) * span
+                + np.searchsorted(calendar, np.asarray(dates, dtype="datetime64[D]")))
+    traded_keys = np.unique(keys(traded["date"], traded["instrument"]))
+    row_keys = keys(frame["date"].to_numpy(dtype="datetime64[D]"), frame["instrument"])
+    # traded days in [t - seq_len + 1, t] of the same stock, counted on the sorted traded keys
+    count = np.searchsorted(traded_keys, row_keys, side="right") - np.searchsorted(traded_keys, row_keys - seq_len + 1)
+    return count == seq_len
 
 
 def _is_member(instruments: np.ndarray, dates: np.ndarray, membership: pd.DataFrame) -> np.ndarray:

@@ -77,7 +77,8 @@ def prepare_like(
     wanted = instrument_list(fit_exclude_instruments)
     try:
         expected = prepare_settings(settings["source"], settings["source_open"], settings["splits"],
-                                    settings["seq_len"], settings["feature_set"], settings["shard_rows"], wanted)
+                                    settings["seq_len"], settings["feature_set"], settings["shard_rows"], wanted,
+                                    settings.get("universe", "padded"))
     except KeyError as exc:
         raise ConfigError(f"{Path(dataset_dir) / MANIFEST_NAME}: settings lack {exc}; re-run `fvae-dist prepare` "
                           "for it") from None
@@ -95,4 +96,5 @@ def prepare_like(
         chunk_size=manifest.get("build", {}).get("chunk_size", 256),
         progress=progress,
         fit_exclude_instruments=wanted,
+        universe=settings.get("universe", "padded"),
     )

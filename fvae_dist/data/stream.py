@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import ray
 import ray.train
-from ray.data import DataContext, Dataset, RandomSeedConfig
+from ray.data import Dataset, RandomSeedConfig
 
 from fvae_dist.data.day_blocks import days_in_block, shard_blocks
 from fvae_dist.data.shards import DaySample, collate_days, load_manifest, read_shard, shard_entries
@@ -61,7 +61,6 @@ def day_blocks(
     entries = shard_entries(manifest, split)
     if not entries:
         raise DataError(f"{dataset_dir}/manifest.json: split {split!r} has no shards")
-    _quiet_ray_data()
     ds = ray.data.from_items([{"shard": index} for index in range(len(entries))], override_num_blocks=len(entries))
     # A Ray Data block is closed as soon as it exceeds this size, so each day-panel block ends up
     # in one of its own: Ray Data's block order is then date order, and streaming_split hands
@@ -255,10 +254,3 @@ def collate_with_dates(days: list[DaySample]) -> dict:
     batch["date"] = np.array([day.date for day in days], dtype="datetime64[D]")
     batch["instruments"] = [day.instruments for day in days]
     return batch
-
-
-def _quiet_ray_data() -> None:
-    # Progress bars from several workers interleave into noise in logs and test output.
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False

@@ -218,7 +218,14 @@ def state_api_env(dashboard_port: int) -> dict[str, str]:
     dashboard/utils.py:ray_address_to_api_server_url does not default to the connected cluster).
     tests/train/test_ray_cluster.py pins the behaviour: drop this when that test says Ray
     resolves the address itself."""
-    return {"RAY_API_SERVER_ADDRESS": f"http://{DASHBOARD_HOST}:{dashboard_port}"}
+    return {"RAY_API_SERVER_ADDRESS": f"http://{DASHBOARD_HOST}:{dashboard_port}", **LOCAL_QUIET_ENV}
+
+
+# What a local cluster's processes need not say: Ray Train's preemption watcher (it reacts to a
+# node being drained, e.g. a spot instance reclaimed, which a cluster on one machine never is; its
+# actor start logs an "E" line about object store arguments), and Ray's own deprecation warnings
+# about its internal calls (e.g. Ray Data's DatasetManager), which a user cannot act on.
+LOCAL_QUIET_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
 def _free_local_port() -> int:

@@ -343,3 +343,35 @@ def test_synthetic_and_membership_sources_reopen_with_the_same_fingerprint(tmp_p
         args = source.open_args()
         reopened = open_source(**args)
         assert reopened.fingerprint() == source.fingerprint() and reopened.instruments == codes[:10]
+
+
+def test_full_window_universe_keeps_only_stocks_traded_on_every_window_day(tmp_path, bars):
+    """--universe full-window (eq. 2): a day's samples are the stocks with a close and volume > 0
+    on all T days of the window; padded (the default) keeps every stock with a bar that day."""
+    source = FrameSource(bars)
+    _prepare(source, tmp_path / "padded")
+    _prepare(source, tmp_path / "full", universe="full-window")
+    calendar = np.asarray(source.calendar, dtype="datetime64[D]")
+    traded = bars.assign(date=bars["date"].to_numpy(dtype="datetime64[D]"))
+    traded = set(map(tuple, traded.loc[traded["volume"] > 0, ["date", "instrument"]].to_numpy()))
+    full_manifest, padded_manifest = load_manifest(tmp_path / "full"), load_manifest(tmp_path / "padded")
+    assert full_manifest["universe_rule"] == "full-window" and padded_manifest["universe_rule"] == "padded"
+    assert full_manifest["fingerprint"] != padded_manifest["fingerprint"]
+    n_full = n_padded = 0
+    for split in ("train", "valid", "test"):
+        for entry in shard_entries(full_manifest, split):
+            for day in iter_shard_days(tmp_path / "full", entry, drop_nan_label=False):
+                t = int(np.searchsorted(calendar, day.date))
+                window = calendar[t - SEQ + 1 : t + 1]
+                for code in day.instruments:
+                    assert all((d, code) in traded for d in window), (day.date, code)
+                n_full += len(day.instruments)
+        n_padded += sum(len(d.instruments) for e in shard_entries(padded_manifest, split)
+                        for d in iter_shard_days(tmp_path / "padded", e, drop_nan_label=False))
+    # late listings and suspensions (random_walk_bars has both) leave the full-window universe smaller
+    assert 0.7 * n_padded < n_full < n_padded
+
+
+def test_an_unknown_universe_rule_is_refused(tmp_path, bars):
+    with pytest.raises(ConfigError, match="--universe 'all': expected one of padded, full-window"):
+        _prepare(FrameSource(bars), tmp_path / "ds", universe="all")

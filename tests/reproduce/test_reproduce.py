@@ -1,0 +1,106 @@
+"""fvae-dist reproduce end to end on a small synthetic market: selection on validation, seeds,
+predictions, Tables 1 and 3 with a seed ensemble, Figure 6, provenance; a rerun trains nothing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from fvae_dist.data.bars import open_source
+from fvae_dist.data.prepare import prepare_dataset
+from fvae_dist.errors import ConfigError
+from fvae_dist.reproduce import load_reproduction, run_reproduction
+from fvae_dist.reproduce.run import finished_so_far
+from fvae_dist.reproduce.tables import write_tables
+
+SOURCE = "synthetic:stocks=60,days=220,seed=3"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    source = open_source(SOURCE)
+    prepare_dataset(source, root / "data", progress=False)
+    bars = pd.concat(list(source.iter_chunks(instruments_per_chunk=100)), ignore_index=True)
+    index = bars.groupby("date", as_index=False)["close"].mean().assign(instrument="SH000300")
+    index.to_parquet(root / "index.parquet")
+    pd.DataFrame({"instrument": sorted(bars["instrument"].unique()), "start_date": "2000-01-01",
+                  "end_date": "2100-01-01"}).to_csv(root / "members.csv", index=False)
+    return root
+
+
+def _spec_file(root, **changes):
+    spec = {
+        "name": "paper", "storage_path": str(root / "runs"), "results_dir": str(root / "results"),
+        "base": {"config": str(REPO / "tune_configs" / "demo.yaml"),
+                 "overrides": {"model.hidden_size": 8, "model.num_portfolios": 8, "model.num_factors": 2,
+                               "train.epochs": 1, "train.early_stopping_patience": 0, "ray.num_workers": 1,
+                               "ray.cpus_per_worker": 0.45, "ray.num_cpus": 2}},
+        "data": {"dataset_dir": str(root / "data"), "membership": str(root / "members.csv"),
+                 "bars": SOURCE, "benchmark": str(root / "index.parquet")},
+        "models": {"factorvae": {"seeds": 2}, "linear": {"seeds": 1}},
+        "selection": {"grid": {"train.lr": [1.0e-3, 3.0e-3]}, "overrides": {"train.lr_schedule": "constant"}},
+        "backtest": {"topk": 10, "n_drop": 2, "etas": [0.0, 0.5]},
+        "ensembles": ["factorvae"],
+        "max_concurrent": 1, "max_failures": 0,
+        **changes,
+    }
+    path = root / "tune_configs" / "paper.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_bad_file_is_refused_before_anything_runs(market):
+    with pytest.raises(ConfigError, match="models.lstm: unknown model"):
+        load_reproduction(_spec_file(market, models={"lstm": {"seeds": 1}}))
+    with pytest.raises(ConfigError, match="ensembles: 'linear' needs to be a model with seeds >= 2"):
+        load_reproduction(_spec_file(market, ensembles=["linear"]))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_reproduce_chooses_on_validation_trains_seeds_and_writes_the_tables(market, fvae_ray):
+    spec = load_reproduction(_spec_file(market))
+    outcome = run_reproduction(spec, log=lambda line: None)
+    factorvae = outcome.models["factorvae"]
+    # the choice is the candidate with the best validation Rank IC, and only validation decides
+    scores = factorvae.selection
+    assert set(scores) == {"factorvae-lr0p001", "factorvae-lr0p003"} and None not in scores.values()
+    best = max(scores, key=scores.get)
+    assert factorvae.choice == {"train.lr": 1.0e-3 if best.endswith("0p001") else 3.0e-3}
+    assert sorted(factorvae.runs) == ["factorvae-seed0", "factorvae-seed1"] and not factorvae.pending
+    for run in factorvae.runs.values():
+        config = yaml.safe_load(open(f"{run}/config.yaml"))
+        assert config["train"]["lr"] == factorvae.choice["train.lr"]
+        assert config["train"]["lr_schedule"] == "cosine"          # the selection's budget stays in selection
+        for split in ("valid", "test"):
+            predictions = pd.read_parquet(f"{run}/predictions/{split}.parquet")
+            assert len(predictions) > 0 and np.isfinite(predictions["mu"]).all()
+
+    files = outcome.files
+    table1 = files["table1_md"].read_text()
+    assert "| FactorVAE |" in table1 and "| Linear |" in table1 and "ensemble of 2 seeds" in table1
+    rows = pd.read_csv(files["table1_csv"])
+    assert len(rows) == 2 + 1 + 1                                   # two seeds, one linear run, the ensemble
+    assert rows["all_rank_ic"].between(-1, 1).all()
+    table3 = pd.read_csv(files["table3_csv"])
+    assert {"FactorVAE", "FactorVAE (TDrisk)", "Linear"} <= set(table3["method"])
+    assert "Linear (TDrisk)" not in set(table3["method"])          # no risk estimate, no TDrisk
+    assert set(table3.loc[table3["method"] == "FactorVAE (TDrisk)", "eta"]) <= {0.0, 0.5}
+    assert files["figure6"].stat().st_size > 10_000
+    provenance = json.loads(files["provenance"].read_text())
+    assert set(provenance["config_sha256"]) == {"factorvae-seed0", "factorvae-seed1", "linear-seed0"}
+    assert provenance["packages"]["torch"].startswith("2.")
+    assert "chosen" in files["validation"].read_text()
+
+    again = run_reproduction(spec, log=lambda line: None, tables=False)
+    assert again.models["factorvae"].runs == factorvae.runs        # nothing retrained
+    on_disk = finished_so_far(spec)
+    assert on_disk.models["factorvae"].choice == factorvae.choice
+    assert sorted(write_tables(spec, on_disk, log=lambda line: None)) == sorted(files)
