@@ -246,16 +246,31 @@ def _check_unchanged(run_dir: Path, trial: str, current: dict) -> None:
     saved = read_record(run_dir).get("config")
     if saved is None or saved == current:
         return
-    changes = _differences(saved, current)
+    changes = _differences(saved, current, defaults={"config": _default_config()})
+    if not changes:  # only settings a newer fvae-dist added, at their defaults
+        return
     raise ConfigError(f"{run_dir}: trial {trial} was started with other settings ({'; '.join(changes[:4])}"
                       f"{'; ...' if len(changes) > 4 else ''}); use another grid name, or delete that folder to "
                       "redo the trial")
 
 
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+def _default_config() -> dict:
+    config = config_to_dict(ExperimentConfig())
+    config.pop("ray")
+    return config
+
+
+_ABSENT = object()
+
+
+def _differences(saved: Any, current: Any, prefix: str = "", defaults: Any = None) -> list[str]:
+    """Settings that differ; one the saved record lacks counts as its default (`defaults`), so a
+    setting added by a newer version, left at its default, changes nothing."""
     if isinstance(saved, dict) and isinstance(current, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
         return [change for key in sorted(set(saved) | set(current))
-                for change in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
+                for change in _differences(saved.get(key, defaults.get(key, _ABSENT)), current.get(key, _ABSENT),
+                                           f"{prefix}{key}.", defaults.get(key))]
     if saved == current:
         return []
     key = prefix.rstrip(".").removeprefix("config.")

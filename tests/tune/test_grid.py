@@ -52,3 +52,15 @@ def test_limits_are_checked(tmp_path, toy_dir):
         run_grid("grid", tmp_path, {})
     with pytest.raises(ConfigError, match=r"max_concurrent=-1: expected an integer >= 0"):
         run_grid("grid", tmp_path, {"a": trial_cfg(toy_dir)}, max_concurrent=-1)
+
+
+def test_a_setting_added_later_at_its_default_changes_nothing(tmp_path, toy_dir):
+    """A trial recorded by an older fvae-dist lacks settings added since: at their defaults they
+    do not count as a change (a long grid survives an upgrade), set otherwise they do."""
+    cfg = trial_cfg(toy_dir)
+    record = fingerprint(cfg)
+    del record["config"]["train"]["cpu_kernels"]                 # as if it did not exist back then
+    write_record(tmp_path / "grid" / "a-seed0", {"name": "a-seed0", "status": "ok", "attempts": 1, "config": record})
+    assert run_grid("grid", tmp_path, {"a-seed0": cfg}).trials["a-seed0"].status == "ok"
+    with pytest.raises(ConfigError, match="train.cpu_kernels"):
+        run_grid("grid", tmp_path, {"a-seed0": trial_cfg(toy_dir, "train.cpu_kernels=off")})
