@@ -44,7 +44,7 @@ from fvae_dist.errors import ConfigError
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
 from fvae_dist.train.tensorboard import RunEvents
-from fvae_dist.train.thread_stats import minor_faults_this_thread, preemptions_this_thread
+from fvae_dist.train.thread_stats import minor_faults_this_thread, peak_rss_mb, preemptions_this_thread
 from fvae_dist.train.validation import evaluate, to_device
 
 METRICS_FILE = "metrics.json"
@@ -229,6 +229,7 @@ def epoch_metrics(epoch: int, lr: float, train: dict, valid: dict, score: float,
         perf_minor_faults_per_step=train["minor_faults_per_step"],
         perf_preemptions_per_step=train["preemptions_per_step"],
         perf_epoch_seconds=train["seconds"],
+        perf_peak_rss_mb=peak_rss_mb(),  # rank 0's worker process
         perf_allreduce=train["allreduce"],
         checkpoint_score=score,
         best_epoch=state.best_epoch,

@@ -5,6 +5,7 @@
     preemptions_this_thread() -> int     times the scheduler took the CPU from this thread while
                                          it could have run: neighbours competing for its core
 Both are 0 where Linux's per-thread resource usage (RUSAGE_THREAD) is unavailable.
+    peak_rss_mb() -> float               the worker process's peak resident memory so far
 """
 from __future__ import annotations
 
@@ -19,3 +20,7 @@ def minor_faults_this_thread() -> int:
 def preemptions_this_thread() -> int:
     who = getattr(resource, "RUSAGE_THREAD", None)
     return resource.getrusage(who).ru_nivcsw if who is not None else 0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
