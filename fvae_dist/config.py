@@ -77,8 +77,8 @@ class DataConfig:
     feeder: bool = True
     """Read and pad each worker's training days in a separate "feeder" process on the worker's
     node (data/feeder.py) instead of in threads of the worker. Ray Data's per-day Python then no
-    longer competes with the training step for the worker's GIL (measured: the step took 25-40%
-    longer beside it). false: the threads, one process less per worker."""
+    longer competes with the training step for the worker's GIL, which slows the step beside it
+    (docs/benchmarks.md). false: the threads, one process less per worker."""
 
     def __post_init__(self) -> None:
         require(self.batch_days >= 1, "data.batch_days", "an integer >= 1", self.batch_days)

@@ -21,16 +21,14 @@ shards still hold the held-out stocks, so the test span is predicted for them. T
 one after another in the driver before any run starts (each already uses the machine's cores
 through Arrow and holds a bounded, but not small, amount of memory; running several at once would
 contend for both with nothing to gain before the runs can start). They cost one normal `fvae-dist
-prepare` each in time and disk (CSI300 2010-2020, m=50: 9-19 s on 2 busy cores and 112 MB per
-(m, seed)); a re-run reuses them without opening the source. The source recorded in the
+prepare` each in time and disk; a re-run reuses them without opening the source. The source recorded in the
 manifest must still be readable.
 
 `reuse_normalisation=True` (`--reuse-normalisation`) trains every run on data.dataset_dir itself:
 faster and no extra disk, but the statistics then saw the held-out stocks. With m small next to
 the stocks of the training span the effect on a median/MAD is small, yet it leaks the held-out
 stocks' training-span feature distribution into the model's inputs, so the scores are not strictly
-those of never-seen stocks (CSI300, m=50: medians move by up to ~1% of a feature's scale, scales
-by up to ~1%).
+those of never-seen stocks.
 
 Layout under <out>/robustness/ (paths inside results.csv are relative to that folder):
     held_out/m<m>-seed<s>.txt      the drawn stocks, one per line

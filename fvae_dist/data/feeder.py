@@ -4,14 +4,14 @@ process: the worker's "feeder" actor.
     with feeder_for(shard) as feeder:                  once per worker, on the worker's node
         for batch in EpochStream(feeder, D, ...): ...  one epoch; same batches as iter_day_batches
 
-Why a separate process: pulling a day out of Ray Data costs about 0.7-1 ms of Python (an RPC to
-the split coordinator, Arrow deserialisation, format conversion) in threads of the process that
-consumes it. Inside the training worker those threads take the GIL from the training step,
-whose Python runs between every tensor op, so the step itself slows. Measured on one core, bf16,
-one day per step: the step took 8.6 ms alone and 10.8-12.0 ms with Ray Data's threads beside it,
-while the worker thread's own CPU time stayed at 8.6 ms. The feeder does that work in its own
-process (on a core Ray Data has anyway) and sends finished, padded batches through the node's
-shared-memory object store: the worker's cost per step is one zero-copy `ray.get`.
+Why a separate process: pulling data out of Ray Data is Python (an RPC to the split coordinator,
+Arrow deserialisation, format conversion, cutting windows) in threads of the process that
+consumes it. Inside the training worker those threads take the GIL from the training step, whose
+Python runs between every tensor op, so the step itself slows while its own CPU time does not
+change. The feeder does that work in its own process (on the CPU share Ray Data has anyway) and
+sends finished, padded batches through the node's shared-memory object store: the worker's cost
+per step is one zero-copy `ray.get`. It is ours, not Ray's, and earns its place by the step time
+it gives back (docs/benchmarks.md); `data.feeder=false` reads in the worker's threads instead.
 
 Semantics are those of `iter_day_batches` on the same shard: the feeder iterates the shard (the
 streaming_split DataIterator Ray Train gave this worker), so every epoch is a new Ray Data pass
@@ -74,13 +74,12 @@ class EpochStream:
     soon as this is constructed, so a stream made before the caller needs it (the next epoch,
     during validation) is ready when it does.
 
-    Batches travel BATCHES_PER_OBJECT to an object: fetching an object from the store costs the
-    worker about 0.5 ms whatever its size, as much as 5% of a one-day step; the feeder stays at
+    Batches travel BATCHES_PER_OBJECT to an object: fetching an object from the store has a fixed
+    cost whatever its size, so fewer, larger objects cost the worker less; the feeder stays at
     most two objects ahead. A receiver thread waits for those objects and unpacks them, so the
-    training thread only takes finished batches from a queue: waiting in the training thread,
-    each object's arrival and fetch cost 2-5 ms on average with 2 workers on 2 cores (every
-    message between processes waits for a busy core), 5.3-6.5% of a bf16 one-day epoch. The
-    receiver holds the GIL only briefly; the Python-heavy reading stays in the feeder.
+    training thread only takes finished batches from a queue and never waits on a message between
+    processes (on a busy machine every such message waits for a core). The receiver holds the GIL
+    only briefly; the Python-heavy reading stays in the feeder.
     `close()` mid-epoch drains the rest, so the feeder's epoch call ends and the next epoch is not
     queued behind it. (Drained, not abandoned: a Ray Data execution cut off by killing the process
     that runs it keeps its resource reservation in Ray 2.60, and later executions in the cluster

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,9 +202,17 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
         ray.init(address=cfg.ray.address or None, log_to_driver=True)
         return
     num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-    port = _free_local_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=port,
-             log_to_driver=True, runtime_env={"env_vars": state_api_env(port)})
+    for attempt in range(DASHBOARD_PORT_ATTEMPTS):
+        port = _free_local_port()
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=port,
+                     log_to_driver=True, runtime_env={"env_vars": state_api_env(port)})
+            return
+        except ValueError as exc:
+            # another process took the port between the probe and the dashboard's bind
+            if "already occupied" not in str(exc) or attempt == DASHBOARD_PORT_ATTEMPTS - 1:
+                raise
+            ray.shutdown()
 
 
 def state_api_env(dashboard_port: int) -> dict[str, str]:
@@ -228,12 +237,26 @@ def state_api_env(dashboard_port: int) -> dict[str, str]:
 LOCAL_QUIET_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
+DASHBOARD_PORT_ATTEMPTS = 5
+# Where the dashboard's port is drawn from: above Ray's worker ports (10002-19999 by default) and
+# below Linux's ephemeral range (32768 and up), from which every other process of the cluster
+# takes its ports while it starts. A port the kernel handed out (bind to port 0) could be handed
+# out again to one of them before the dashboard binds it.
+DASHBOARD_PORT_RANGE = (20000, 32000)
+
+
 def _free_local_port() -> int:
     # The dashboard's port is fixed before ray.init so that state_api_env can name it; Ray would
     # otherwise pick one (8265 or the next free one) only while it starts.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((DASHBOARD_HOST, 0))
-        return probe.getsockname()[1]
+    rng = random.Random()
+    while True:
+        port = rng.randrange(*DASHBOARD_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((DASHBOARD_HOST, port))
+            except OSError:
+                continue
+            return port
 
 
 def check_cluster_fits(cfg: ExperimentConfig) -> None:

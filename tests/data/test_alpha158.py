@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fvae_dist.data.bars import LongTableSource
+from fvae_dist.data.long_table import LongTableSource
 from fvae_dist.data.features import ALPHA158, ALPHA158_20, FEATURE_SETS, LABEL_NAME, features_frame
 from fvae_dist.errors import DataError
 from tests.conftest import CSI300_DIR, REFERENCE_DIR

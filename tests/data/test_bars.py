@@ -11,7 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from fvae_dist.data.bars import BarSource, LongTableSource, open_source, read_membership
+from fvae_dist.data.bars import BarSource, open_source, read_membership
+from fvae_dist.data.long_table import LongTableSource
 from fvae_dist.errors import ConfigError, DataError
 
 OUTPUT = ["date", "instrument", "open", "high", "low", "close", "volume", "factor"]
