@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from fvae_dist.errors import ConfigError, nearest_name_hint
+from fvae_dist.storage import UriPath, is_uri, location
 from fvae_dist.models.registry import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -200,7 +199,9 @@ class RayConfig:
     """Run folder name under storage_path. Re-running with the same name resumes that run."""
 
     storage_path: str = "runs"
-    """Parent directory of run folders (a local or shared file system path)."""
+    """Parent of run folders: a local or shared directory, or a URI pyarrow and Ray accept
+    (s3://bucket/runs, gs://..., hdfs://...) for clusters whose nodes share only a bucket.
+    Everything a run writes goes there; credentials come from the environment (storage.py)."""
 
     address: str = ""
     """Ray cluster to join ("auto", "ray://host:10001"); empty starts a local Ray instance."""
@@ -208,9 +209,10 @@ class RayConfig:
     num_cpus: int = 0
     """CPUs a local Ray instance may use; 0 = all CPUs of this machine. Ignored with address."""
 
-    max_failures: int = 0
+    max_failures: int = 2
     """Times Ray Train restarts the worker group after a worker failure (resuming from the
-    latest checkpoint) before the run fails."""
+    latest checkpoint) before the run fails: a lost node or a killed worker costs at most the
+    epoch in progress instead of the run. -1 = unlimited, 0 = the first failure ends the run."""
 
     log_level: str = "WARNING"
     """Level of Ray Train's own console logs (its INFO level prints every report)."""
@@ -221,9 +223,10 @@ class RayConfig:
                  "a number > 0 (fractions such as 0.5 are fine)", self.cpus_per_worker)
         require(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
                  "ray.run_name", "a non-empty folder name without '/'", self.run_name)
-        require(bool(self.storage_path) and "://" not in self.storage_path, "ray.storage_path",
-                 "a local or shared file system directory (URIs such as s3:// are not supported: rank 0 "
-                 "writes TensorBoard events and metrics.json there directly)", self.storage_path)
+        require(bool(self.storage_path), "ray.storage_path", "a directory or a URI such as s3://bucket/runs",
+                self.storage_path)
+        if is_uri(self.storage_path):
+            UriPath.parse(self.storage_path)  # ConfigError naming a malformed URI
         require(self.num_cpus >= 0, "ray.num_cpus", "an integer >= 0 (0 = all CPUs)", self.num_cpus)
         require(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "ray.log_level",
                  "DEBUG, INFO, WARNING, ERROR or CRITICAL", self.log_level)
@@ -244,8 +247,9 @@ class ExperimentConfig:
             raise ConfigError("train.precision=fp16 needs CUDA (ray.use_gpu=true); on CPU use train.precision=bf16")
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.ray.storage_path) / self.ray.run_name
+    def run_dir(self) -> "Path | UriPath":
+        """<ray.storage_path>/<ray.run_name>: absolute, or a URI (storage.location)."""
+        return location(self.ray.storage_path) / self.ray.run_name
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "ray": RayConfig}
@@ -276,8 +280,7 @@ def read_yaml_mapping(path: str | Path, *, what: str, sections: Sequence[str]) -
     """The mapping a YAML file holds ({} for an empty file); ConfigError naming the file when it
     is missing, not YAML, or not a mapping of `sections`."""
     try:
-        with open(path) as handle:
-            loaded = yaml.safe_load(handle)
+        loaded = yaml.safe_load((location(path) if is_uri(path) else Path(path)).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as exc:
@@ -352,19 +355,12 @@ def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
     write_text_atomic(path, text)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_text_atomic(path, text: str) -> None:
+    """Write a file so that readers see the old content or the new one, never a torn file (a
+    local path or a storage URI's: storage.write_text_atomic)."""
+    from fvae_dist.storage import write_text_atomic as write
+
+    write(path, text)
 
 
 def json_safe(value: Any) -> Any:

@@ -57,6 +57,7 @@ exclusion applies to every split during training); the held-out scores live in r
 from __future__ import annotations
 
 import functools
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from fvae_dist.config import ExperimentConfig, json_safe, with_overrides, write_text_atomic
+from fvae_dist.storage import UriPath, is_uri, location
 from fvae_dist.data.reopen import open_manifest_source, prepare_like
 from fvae_dist.data.shards import load_manifest, manifest_hash, shard_entries
 from fvae_dist.errors import ConfigError, DataError
@@ -118,7 +120,10 @@ class RunSpec:
 
 @dataclass
 class RobustnessPaths:
-    root: Path  # <out>/robustness
+    root: "Path | UriPath"  # <out>/robustness: a folder, or a storage URI's
+    data_root: Path | None = None
+    """Where the held-out data sets go: <root>/data, or, when root is a URI, a folder beside the
+    source data set (data sets are read from a directory every node sees, as data.dataset_dir is)."""
 
     @property
     def runs(self) -> Path:
@@ -132,7 +137,7 @@ class RobustnessPaths:
         return self.root / "held_out" / f"m{m}-seed{seed}.txt"
 
     def data_dir(self, m: int, seed: int) -> Path:
-        return self.root / "data" / f"m{m}-seed{seed}"
+        return (self.data_root or self.root / "data") / f"m{m}-seed{seed}"
 
     def run_dir(self, spec: RunSpec) -> Path:
         return self.runs / spec.name
@@ -292,7 +297,8 @@ def run_robustness(
         raise ConfigError("data.exclude_instruments is set in the config; the robustness job chooses the "
                           "held-out stocks itself, leave it empty")
 
-    paths = RobustnessPaths(Path(out_dir).expanduser().resolve() / ROBUSTNESS_DIR)
+    root = location(out_dir) / ROBUSTNESS_DIR
+    paths = RobustnessPaths(root, dataset_dir.with_name(f"{dataset_dir.name}-held-out") if is_uri(root) else None)
     pool = scorable_instruments(dataset_dir, cfg.data.test_split)
     held_out: dict[tuple[int, int], list[str]] = {}
     for m in ms:
@@ -353,7 +359,8 @@ def prepare_held_out_datasets(dataset_dir: Path, paths: RobustnessPaths,
         wall = time.perf_counter() - begun
         folders[m, seed] = folder
         shard_bytes = int(result.manifest.get("disk", {}).get("shard_bytes", 0))
-        costs[folder.name] = {"path": str(folder.relative_to(paths.root)), "reused": result.reused,
+        where = str(folder.relative_to(paths.root)) if paths.data_root is None else str(folder)
+        costs[folder.name] = {"path": where, "reused": result.reused,
                               "wall_s": round(wall, 3), "shard_bytes": shard_bytes}
         log(f"robustness: data set {k}/{len(held_out)} {folder.name} (normalisation without its {len(stocks)} "
             f"held-out stocks): {'up to date' if result.reused else f'prepared in {wall:.1f} s'}, "
@@ -427,5 +434,5 @@ class ResultTables:
             self.log(f"robustness: {spec.name} FAILED after {trial.attempts} attempt(s): {trial.error}")
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, keep_default_na=True)
+def read_results(path) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(location(path).read_text()), keep_default_na=True)

@@ -9,7 +9,7 @@ def add_parser(subparsers) -> None:
         description="Uses only the prediction path (feature extractor, factor predictor, decoder); "
         "every stock-day of the split is scored, held-out stocks included.",
     )
-    parser.add_argument("--run", required=True, help="run folder (<storage_path>/<run_name>)")
+    parser.add_argument("--run", required=True, help="run folder (<storage_path>/<run_name>; a path or a URI such as s3://bucket/runs/NAME)")
     parser.add_argument("--split", default="test", help="split name in the data set (default test)")
     parser.add_argument("--dataset", default=None, help="data set directory (default: the run's data.dataset_dir)")
     parser.add_argument("--batch-days", type=int, default=16, help="days per forward pass (default 16)")
@@ -20,9 +20,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    import pandas as pd
-
     from fvae_dist.evaluate.metrics import daily_ic, summarize_ic
+    from fvae_dist.storage import read_parquet
     from fvae_dist.train.predict import predict_split
 
     path = predict_split(
@@ -33,7 +32,7 @@ def run(args) -> int:
         exposures=args.exposures,
         allow_other_data=args.allow_other_data,
     )
-    frame = pd.read_parquet(path)
+    frame = read_parquet(path)
     summary = summarize_ic(daily_ic(frame, "mu", "label"))
     print(f"wrote {path} ({len(frame)} stock-days, {frame['date'].nunique()} days)")
     print(f"IC {summary['ic']:.4f}  ICIR {summary['icir']:.4f}  Rank IC {summary['rank_ic']:.4f}  "

@@ -15,6 +15,8 @@ y_t = close[t+2] / close[t+1] - 1, shifted along the trading calendar of the bar
 
 from __future__ import annotations
 
+import io
+
 import math
 from pathlib import Path
 
@@ -120,10 +122,12 @@ def realised_label(bars: pd.DataFrame) -> pd.DataFrame:
 
 def read_predictions(path) -> pd.DataFrame:
     """A predictions file (.parquet or .csv): date, instrument, mu, sigma[, label]; dates normalised."""
-    path = Path(path)
+    from fvae_dist.storage import location, read_parquet
+
+    path = location(path)  # a local file or a run folder's on a storage URI
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")
-    frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    frame = pd.read_csv(io.BytesIO(path.read_bytes())) if path.name.endswith(".csv") else read_parquet(path)
     require_columns(frame, ["date", "instrument", "mu"], f"predictions {path}")
     frame["date"] = pd.to_datetime(frame["date"]).dt.normalize().astype("datetime64[ns]")
     frame["instrument"] = frame["instrument"].astype(str)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 from fvae_dist.config import ExperimentConfig, with_overrides, write_text_atomic
 from fvae_dist.data.shards import load_manifest
 from fvae_dist.reproduce.spec import ReproductionSpec
+from fvae_dist.storage import location
 from fvae_dist.tune import run_grid
 from fvae_dist.tune.results import read_metrics
 
@@ -45,7 +46,7 @@ class PredictSplits:
     def __call__(self, name: str, cfg: ExperimentConfig) -> dict:
         from fvae_dist.train.predict import predict_split
 
-        run_dir = Path(cfg.ray.storage_path).expanduser().resolve() / cfg.ray.run_name
+        run_dir = cfg.run_dir  # a path or a storage URI
         # one thread: the trial actor holds a sliver of a CPU beside the next run's workers
         return {split: str(predict_split(run_dir, split, threads=1)) for split in self.splits}
 
@@ -190,7 +191,7 @@ def finished_so_far(spec: ReproductionSpec) -> ReproductionOutcome:
         for name in model_trials(spec, row.key, progress.choice):
             done = read_record(folder / name).get("status") == "ok"
             (progress.runs.__setitem__(name, str(folder / name)) if done else progress.pending.append(name))
-    results = Path(_join(spec.storage_path, f"{spec.name}-robustness")) / ROBUSTNESS_DIR / "results.csv"
+    results = location(_join(spec.storage_path, f"{spec.name}-robustness")) / ROBUSTNESS_DIR / "results.csv"
     if results.is_file():
         outcome.robustness = _RobustnessResults(read_results(results))
     return outcome

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from fvae_dist.config import write_text_atomic
+from fvae_dist.storage import location
 from fvae_dist.data.bars import read_membership
 from fvae_dist.evaluate.backtest import BacktestConfig, load_bars, load_benchmark, run_backtest
 from fvae_dist.evaluate.ensemble import seed_ensemble
@@ -67,7 +68,7 @@ class Market:
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(location(path).read_bytes()).hexdigest()[:16]
 
 
 def backtest_config(spec) -> BacktestConfig:
@@ -106,7 +107,7 @@ def _portfolio(backtest) -> dict:
 
 def evaluate_run(run_dir: Path, market: Market) -> dict:
     """evaluate_predictions for a finished run, cached in <run>/evaluation.json."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)  # a path or a storage URI
     valid_path, test_path = run_dir / "predictions" / "valid.parquet", run_dir / "predictions" / "test.parquet"
     key = {"valid": _digest(valid_path), "test": _digest(test_path), "backtest": asdict(backtest_config(market.spec)),
            "etas": list(market.spec.backtest.etas), "membership": _digest(market.spec.membership)}
@@ -148,11 +149,11 @@ def _rows(spec, outcome, market, log) -> list[dict]:
     for row in spec.models:
         progress = outcome.models.get(row.key)
         runs = sorted((progress.runs if progress else {}).items())
-        evaluations = [evaluate_run(Path(path), market) for _, path in runs]
+        evaluations = [evaluate_run(location(path), market) for _, path in runs]
         entries.append({"key": row.key, "label": _label(spec, row.key), "evaluations": evaluations,
                         "seeds": row.seeds, "runs": [name for name, _ in runs]})
         if row.key in spec.ensembles and len(runs) >= 2:
-            frames = {split: [read_predictions(Path(path) / "predictions" / f"{split}.parquet") for _, path in runs]
+            frames = {split: [read_predictions(location(path) / "predictions" / f"{split}.parquet") for _, path in runs]
                       for split in ("valid", "test")}
             ensemble = evaluate_predictions(seed_ensemble(frames["valid"]), seed_ensemble(frames["test"]), market)
             entries.append({"key": f"{row.key}-ensemble", "label": f"{_label(spec, row.key)} (ensemble of "
@@ -275,7 +276,7 @@ def provenance(spec, outcome) -> dict:
     runs = {}
     for progress in outcome.models.values():
         for name, path in progress.runs.items():
-            config = Path(path) / "config.yaml"
+            config = location(path) / "config.yaml"
             runs[name] = hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else None
     return {"command": " ".join(["fvae-dist", *sys.argv[1:]]) if sys.argv else None, "spec": spec.source,
             "commit": commit(), "packages": {p: _version(p) for p in PACKAGES}, "python": sys.version.split()[0],

@@ -12,11 +12,11 @@ stored (the config as a nested dict, numpy's RNG key as an int64 tensor).
 """
 from __future__ import annotations
 
-import json
+import io
 import math
-import os
+import pickle
+import posixpath
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fvae_dist.errors import ConfigError
+from fvae_dist.storage import UriPath, location, read_json, remove_tree
 
 STATE_FILE = "state.pt"
 CHECKPOINT_PREFIX = "checkpoint_epoch"
@@ -46,12 +47,30 @@ def save(obj: Any, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def load(path: str | Path) -> Any:
-    """torch.load(weights_only=True): a checkpoint can never execute code on load."""
+def load(path: "str | Path | UriPath") -> Any:
+    """torch.load(weights_only=True): a checkpoint can never execute code on load. A file that
+    is missing raises ConfigError, one that cannot be read back (truncated, corrupt) raises
+    CorruptCheckpoint; both name the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(path.read_bytes()) if isinstance(path, UriPath) else path
+        return torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"{path}: checkpoint file not found") from None
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc).lower():  # an object torch refuses to unpickle: not a torn file
+            raise ConfigError(f"{path}: holds objects that weights_only loading refuses ({_first_line(exc)})") from None
+        raise CorruptCheckpoint(f"{path}: not a readable checkpoint file (truncated or corrupt: {_first_line(exc)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{path}: not a readable checkpoint file (truncated or corrupt: {_first_line(exc)})") from None
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint file exists but cannot be read back."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,45 +159,50 @@ def _model_defaults() -> dict:
 # Finding checkpoints in a run folder (outside Ray, e.g. for predict)
 # ----------------------------------------------------------------------------------------------
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest epoch first."""
-    run_dir = Path(run_dir)
-    return sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
+def list_checkpoints(run_dir: "str | Path | UriPath") -> list:
+    """Checkpoint directories of a run that hold a state file, oldest epoch first (local paths
+    or URIs, as the run folder is)."""
+    run_dir = location(run_dir)
+    ours = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if _epoch_or_none(p) is not None]
+    return sorted((p for p in ours if (p / STATE_FILE).is_file()), key=checkpoint_epoch)
 
 
 def checkpoint_epoch(path: str | Path) -> int:
     """The epoch a checkpoint directory was written after (checkpoint_epoch0007 -> 7)."""
-    name = Path(path).name
+    name = _name(path)
     if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX):].isdigit():
         raise ConfigError(f"{path}: not a checkpoint directory name ({CHECKPOINT_PREFIX}NNNN expected)")
     return int(name[len(CHECKPOINT_PREFIX):])
 
 
-def unregistered_newer_checkpoint(run_dir: str | Path, registered: str | Path | None, *,
-                                  load_state: Callable[[Path], dict] = load) -> Path | None:
-    """A complete checkpoint in the run folder newer than the one Ray Train hands back, if any.
+def resume_candidates(run_dir) -> list:
+    """The run folder's checkpoints to try resuming from, newest first.
 
-    Ray Train (V2) registers a reported checkpoint when its controller next polls the workers,
-    after report() has already written the files. A worker that dies in between (seen here: a
-    crash at the first step after a sub-second epoch's report) leaves a complete checkpoint that
-    Ray's restart does not know about, and the restarted workers would train that epoch again.
-    Complete means state.pt loads and every rank's file is there; a directory cut short by the
-    crash is passed over. (Ray's keep_checkpoints pruning never learns of such a checkpoint:
-    prune_unregistered deletes it at the end of the run unless it is one to keep.) A registered
-    checkpoint named otherwise than ours is trusted as is.
-    `load_state` reads state.pt: the loader the resume itself uses (DeepSpeed's optimizer state
-    needs its classes allowed), so that whatever this accepts, the resume can read."""
-    registered_epoch = _epoch_or_none(registered) if registered is not None else -1
-    if registered_epoch is None:
-        return None
-    for path in reversed(list_checkpoints(run_dir)):
-        epoch = _epoch_or_none(path)
-        if epoch is None:
-            continue
-        if epoch <= registered_epoch:
-            return None
-        if _is_complete(path, load_state):
-            return path
+    The newest one may be one that Ray Train never registered: Ray registers a reported
+    checkpoint when its controller next polls the workers, after report() has already written
+    the files, and a worker that dies in between leaves a checkpoint Ray's restart does not hand
+    back (its get_checkpoint() names the one before). Starting from Ray's would train that epoch
+    twice; so the run folder decides, and `unreadable` tells which candidate can be used."""
+    return list(reversed(list_checkpoints(run_dir)))
+
+
+def unreadable(directory, load_state: Callable[[Path], dict] = load) -> str | None:
+    """Why a checkpoint directory cannot be resumed from (None: every file reads back).
+
+    Checks what a resume reads: state.pt loads, and every rank's file is there and loads.
+    `load_state` is the loader the resume itself uses (DeepSpeed's optimizer state needs its
+    classes allowed), so that whatever this accepts, the resume can read."""
+    try:
+        world = int(load_state(directory / STATE_FILE).get("world_size", 0))
+        if world <= 0:
+            return f"{directory / STATE_FILE}: records no world_size"
+        missing = missing_rank_files(directory, world)
+        if missing:
+            return f"{directory}: incomplete checkpoint, missing {missing}"
+        for rank in range(world):
+            load_state(directory / rank_file(rank))
+    except ConfigError as exc:  # CorruptCheckpoint or a missing file, named
+        return str(exc)
     return None
 
 
@@ -187,14 +211,14 @@ def prune_unregistered(run_dir: str | Path, registered: Iterable[str | Path], ke
     """Delete the checkpoints Ray Train never registered that train.keep_checkpoints would have
     pruned; returns what was deleted.
 
-    Such a checkpoint (see unregistered_newer_checkpoint) is deleted only when the run has a
+    Such a checkpoint (see resume_candidates) is deleted only when the run has a
     newer registered one to resume from and its score (the epoch's checkpoint_score in
     metrics.json's history: validation Rank IC, as Ray ranks them) is below the `keep` best among
     the registered ones and itself. So the best epoch's checkpoint, which predict reads, always
     stays, as does one whose score is unknown. Registered checkpoints are Ray's to prune: its
-    checkpoint list in the run folder names them. Each deletion renames the directory out of
-    the checkpoint namespace first, so a crash mid-way leaves no half-deleted checkpoint."""
-    registered_names = {Path(path).name for path in registered}
+    checkpoint list in the run folder names them. Deletion goes through the run folder's file
+    system (storage.remove_tree), like Ray's own pruning."""
+    registered_names = {_name(path) for path in registered}
     registered_epochs = [e for e in map(_epoch_or_none, registered_names) if e is not None]
     if not registered_epochs:
         return []
@@ -210,11 +234,14 @@ def prune_unregistered(run_dir: str | Path, registered: Iterable[str | Path], ke
         better = sum(other > score for other in registered_scores) if score is not None else 0
         if score is None or better < keep:
             continue
-        doomed = path.with_name(f".{path.name}.pruning-{os.getpid()}")
-        os.replace(path, doomed)
-        shutil.rmtree(doomed)
+        remove_tree(path)
         deleted.append(path)
     return deleted
+
+
+def _name(path) -> str:
+    """The last component of a local path, a UriPath, or a path Ray reports ("bucket/run/x")."""
+    return path.name if isinstance(path, (Path, UriPath)) else posixpath.basename(str(path).rstrip("/"))
 
 
 def _score(scores: dict, epoch: int) -> float | None:
@@ -229,26 +256,18 @@ def _epoch_or_none(path: str | Path) -> int | None:
         return None
 
 
-def _is_complete(path: Path, load_state: Callable[[Path], dict]) -> bool:
-    try:
-        world = int(load_state(path / STATE_FILE).get("world_size", 0))
-    except Exception:  # noqa: BLE001 (a torn file raises whatever its first bad byte triggers)
-        return False
-    return world > 0 and not missing_rank_files(path, world)
-
-
 def missing_rank_files(directory: Path, world: int) -> list[str]:
     """Names of the per-rank files a checkpoint written by `world` workers lacks."""
     return [rank_file(rank) for rank in range(world) if not (directory / rank_file(rank)).is_file()]
 
 
-def best_checkpoint(run_dir: str | Path) -> Path:
+def best_checkpoint(run_dir: "str | Path | UriPath"):
     """The checkpoint of the best validation epoch, as recorded in <run>/metrics.json."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
+    metrics = read_json(metrics_path)
+    if metrics is None:
         raise ConfigError(f"{metrics_path}: not found; is {run_dir} a run folder written by `fvae-dist train`?")
-    metrics = json.loads(metrics_path.read_text())
     best_epoch = metrics.get("best_epoch")
     if best_epoch is None:
         raise ConfigError(f"{metrics_path}: no best_epoch recorded yet (the run has not finished an epoch)")

@@ -13,7 +13,8 @@ and at the end score the best epoch's weights on the validation and test splits.
 loop_config (plain data, built by train/trainer.py):
     config          config_to_dict(ExperimentConfig)
     manifest_hash   hash of the data set's manifest.json
-    run_dir         <storage>/<run name>, where rank 0 writes metrics.json and tensorboard/
+    run_dir         <storage>/<run name> (a path or a URI), where rank 0 writes metrics.json and
+                    tensorboard/ through the storage's file system
     eval_splits     names of the evaluation datasets passed to the trainer ("valid", "test")
     model_builder   optional callable(ModelConfig) -> nn.Module (tests); by default
                     models/registry.build_model builds the model that model.name names
@@ -41,6 +42,7 @@ from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict,
 from fvae_dist.data.feeder import EpochStream, feeder_for
 from fvae_dist.data.stream import iter_day_batches, within_block_seed
 from fvae_dist.errors import ConfigError
+from fvae_dist.storage import download_dir, location, read_json
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
 from fvae_dist.train.tensorboard import RunEvents
@@ -75,7 +77,7 @@ class TrainState:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"], source="train loop config")
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = location(loop_config["run_dir"])  # a local path or a storage URI
     manifest_hash = loop_config["manifest_hash"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -91,7 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     best_weights = None
 
     state = TrainState()
-    with checkpoint_to_resume(run_dir) as directory:
+    with checkpoint_to_resume(run_dir, rank) as directory:
         if directory is not None:
             state, best_weights = resume(directory, engine, cfg, manifest_hash, rank, world)
             if rank == 0:
@@ -100,7 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # sampling noise (reparameterisation) differs per rank, like the data does
         seed_everything(cfg.train.seed + 1 + rank)
 
-    events = RunEvents(run_dir / "tensorboard") if rank == 0 else None
+    # rank 0 writes the events, replaying the epochs the checkpoint holds: each epoch once
+    events = RunEvents(run_dir / "tensorboard", history=state.history) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard(cfg.data.valid_split)
     # data.feeder: a process that reads and pads this worker's training days (data/feeder.py)
@@ -282,21 +285,38 @@ def final_evaluation(engine, best_weights, eval_splits, cfg: ExperimentConfig, d
 
 
 @contextlib.contextmanager
-def checkpoint_to_resume(run_dir: Path):
-    """The checkpoint directory to resume from (None: start afresh): Ray Train's latest, unless
-    the run folder holds a complete newer one Ray had not registered yet (see
-    checkpoint.unregistered_newer_checkpoint). Every rank reads the same files, so all choose
-    the same one."""
+def checkpoint_to_resume(run_dir, rank: int = 0):
+    """A local directory holding the checkpoint to resume from (None: start afresh).
+
+    The newest checkpoint in the run folder whose files all read back (checkpoint.
+    resume_candidates: it may be newer than the one Ray Train hands back). One that does not
+    (torn by a crash, damaged in storage) is named and passed over for the one before it, so a
+    bad checkpoint costs the epochs since the previous one, not the run; when none reads back,
+    the run stops with every reason rather than start over. Checkpoints on a URI's file system
+    are downloaded first. Every rank reads the same files, so all choose the same one."""
     registered = ray.train.get_checkpoint()
-    newer = ckpt.unregistered_newer_checkpoint(run_dir, registered.path if registered is not None else None,
-                                               load_state=_load_checkpoint_file)
-    if newer is not None:
-        yield newer
-    elif registered is not None:
-        with registered.as_directory() as directory:
-            yield Path(directory)
-    else:
-        yield None
+    candidates = ckpt.resume_candidates(run_dir)
+    if not candidates:
+        if registered is None:
+            yield None
+        else:  # a checkpoint Ray registered under a name not ours: taken as it is
+            with registered.as_directory() as directory:
+                yield Path(directory)
+        return
+    problems = []
+    for candidate in candidates:
+        with tempfile.TemporaryDirectory(prefix="fvae-resume-") as scratch:
+            directory = download_dir(candidate, Path(scratch) / candidate.name)
+            problem = ckpt.unreadable(directory, load_state=_load_checkpoint_file)
+            if problem is None:
+                yield directory
+                return
+        problem = problem.replace(str(directory), str(candidate))  # name the file where it is stored
+        problems.append(problem)
+        if rank == 0:
+            sys.stdout.write(f"cannot resume from {candidate}: {problem}; trying the checkpoint before it\n")
+    raise ConfigError(f"{run_dir}: no checkpoint can be resumed from ({'; '.join(problems)}). Move the damaged "
+                      "checkpoint folders away to start this run afresh, or use another ray.run_name.")
 
 
 def resume(directory: Path, engine, cfg: ExperimentConfig, manifest_hash: str, rank: int, world: int):
@@ -324,10 +344,10 @@ def resume(directory: Path, engine, cfg: ExperimentConfig, manifest_hash: str, r
     return state, saved.get("best_model")
 
 
-def write_metrics(run_dir: Path, state: TrainState, manifest_hash: str, final: dict | None = None) -> None:
+def write_metrics(run_dir, state: TrainState, manifest_hash: str, final: dict | None = None) -> None:
     """<run>/metrics.json: per-epoch history, best epoch, final valid/test metrics (rank 0)."""
     path = run_dir / METRICS_FILE
-    previous = json.loads(path.read_text()) if path.is_file() else {}
+    previous = read_json(path) or {}
     document = {
         "manifest_hash": manifest_hash,
         "epochs_completed": state.epoch,

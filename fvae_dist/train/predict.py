@@ -24,14 +24,15 @@ import torch
 from fvae_dist.config import ExperimentConfig, load_config
 from fvae_dist.data.shards import collate_days, iter_shard_days, load_manifest, manifest_hash, shard_entries
 from fvae_dist.errors import ConfigError
+from fvae_dist.storage import UriPath, location
 from fvae_dist.models.registry import is_factorvae
 from fvae_dist.train import checkpoint as ckpt
 
 PREDICTION_COLUMNS = ["date", "instrument", "mu", "sigma", "label"]
 
 
-def run_config(run_dir: str | Path) -> ExperimentConfig:
-    path = Path(run_dir) / "config.yaml"
+def run_config(run_dir) -> ExperimentConfig:
+    path = location(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; expected a run folder written by `fvae-dist train`")
     return load_config(path)
@@ -70,7 +71,7 @@ def predict_split(
     threads: int = 0,
 ) -> Path:
     """Score every stock-day of `split` and write <run>/predictions/<split>.parquet atomically."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)  # a local path or a storage URI
     cfg = run_config(run_dir)
     if exposures and not is_factorvae(cfg.model):
         raise ConfigError(f"{run_dir / 'config.yaml'}: factor exposures (betas) exist only for FactorVAE; this run "
@@ -118,8 +119,9 @@ def _score_days(model, days, exposures: bool) -> pd.DataFrame:
     return frame
 
 
-def _check_same_data(run_dir: Path, dataset_dir: Path, allow_other_data: bool) -> None:
-    saved = (run_dir / "manifest_hash.txt").read_text().strip() if (run_dir / "manifest_hash.txt").is_file() else None
+def _check_same_data(run_dir, dataset_dir: Path, allow_other_data: bool) -> None:
+    saved_path = run_dir / "manifest_hash.txt"
+    saved = saved_path.read_text().strip() if saved_path.is_file() else None
     current = manifest_hash(dataset_dir)
     if saved is not None and saved != current and not allow_other_data:
         raise ConfigError(
@@ -128,7 +130,10 @@ def _check_same_data(run_dir: Path, dataset_dir: Path, allow_other_data: bool) -
         )
 
 
-def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+def _write_parquet_atomic(frame: pd.DataFrame, path) -> None:
+    if isinstance(path, UriPath):  # one upload, complete or absent
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path.path, filesystem=path.fs)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

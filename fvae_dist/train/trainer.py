@@ -14,7 +14,6 @@ run folder, ray.train.get_checkpoint() hands the latest one to the workers.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
@@ -32,6 +31,7 @@ from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, with
 from fvae_dist.data.shards import MANIFEST_NAME, load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_blocks, epoch_seed, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, user_error
+from fvae_dist.storage import UriPath, ray_storage, read_json
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
 from fvae_dist.train.loop import METRICS_FILE, train_loop_per_worker
@@ -53,8 +53,7 @@ def train(cfg: ExperimentConfig, *, callbacks: Sequence = (), model_builder: Cal
     trainer = build_trainer(cfg, callbacks=callbacks, model_builder=model_builder)
     result = fit(trainer)
     run_dir = run_dir_of(cfg)
-    metrics_path = run_dir / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_json(run_dir / METRICS_FILE) or {}
     prune_unregistered_checkpoints(result, cfg)
     return TrainingOutcome(run_dir=run_dir, metrics=metrics, result=result)
 
@@ -76,8 +75,7 @@ def prune_unregistered_checkpoints(result: ray.train.Result, cfg: ExperimentConf
     checkpoint.prune_unregistered), after fit(): Ray's own pruning only knows the ones it
     registered."""
     run_dir = run_dir_of(cfg)
-    metrics_path = run_dir / METRICS_FILE
-    history = json.loads(metrics_path.read_text()).get("history", []) if metrics_path.is_file() else []
+    history = (read_json(run_dir / METRICS_FILE) or {}).get("history", [])
     registered = [checkpoint.path for checkpoint, _ in result.best_checkpoints or []]
     if result.checkpoint is not None:
         registered.append(result.checkpoint.path)
@@ -135,6 +133,7 @@ def build_trainer(
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
     device_type = "cuda" if cfg.ray.use_gpu else "cpu"
+    storage_path, storage_filesystem = ray_storage(run_dir.parent)
     accel.build_ahead(cfg.train.cpu_kernels, device_type)  # workers on this node then find it built
     return TorchTrainer(
         train_loop_per_worker,
@@ -145,7 +144,8 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=cfg.ray.run_name,
-            storage_path=str(run_dir.parent),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
@@ -161,18 +161,16 @@ def build_trainer(
     )
 
 
-def run_dir_of(cfg: ExperimentConfig) -> Path:
-    return (Path(cfg.ray.storage_path).expanduser() / cfg.ray.run_name).resolve()
+def run_dir_of(cfg: ExperimentConfig) -> "Path | UriPath":
+    """The run folder: an absolute local path, or a URI (storage.py)."""
+    return cfg.run_dir
 
 
-def completed_epochs(run_dir: Path) -> int:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return 0
-    return int(json.loads(path.read_text()).get("epochs_completed", 0))
+def completed_epochs(run_dir: "Path | UriPath") -> int:
+    return int((read_json(run_dir / METRICS_FILE) or {}).get("epochs_completed", 0))
 
 
-def check_resume_allowed(run_dir: Path, cfg: ExperimentConfig, data_hash: str) -> None:
+def check_resume_allowed(run_dir: "Path | UriPath", cfg: ExperimentConfig, data_hash: str) -> None:
     """Before anything starts: an existing run with checkpoints may only be continued on the same
     data set, with the same model and the same held-out stocks."""
     if not ckpt.list_checkpoints(run_dir):

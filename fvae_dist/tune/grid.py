@@ -47,6 +47,7 @@ from typing import Any, Callable, Mapping
 import ray.tune
 
 from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict, json_safe, with_overrides, write_text_atomic
+from fvae_dist.storage import location
 from fvae_dist.errors import ConfigError
 from fvae_dist.train.cluster_fit import RunShape
 from fvae_dist.tune.run import Experiment, TrialPlan, experiment_dir, run_experiment
@@ -196,7 +197,7 @@ class GridProgress(ray.tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         from fvae_dist.tune.results import trial_error
 
-        _mark_failed(Path(self.folder) / trial.config["trial"], trial_error(trial))
+        _mark_failed(location(self.folder) / trial.config["trial"], trial_error(trial))
         self._ended()
 
     def _ended(self) -> None:
@@ -211,11 +212,11 @@ _ACTIVE: dict[str, Callable[[], None]] = {}
 
 def read_record(run_dir: str | Path) -> dict:
     """A trial's trial.json ({} before its first start)."""
-    return _read_json(Path(run_dir) / TRIAL_FILE) or {}
+    return _read_json(location(run_dir) / TRIAL_FILE) or {}
 
 
 def write_record(run_dir: str | Path, record: dict) -> None:
-    write_text_atomic(Path(run_dir) / TRIAL_FILE, json.dumps(json_safe(record), indent=1) + "\n")
+    write_text_atomic(location(run_dir) / TRIAL_FILE, json.dumps(json_safe(record), indent=1) + "\n")
 
 
 def _mark_failed(run_dir: Path, error: str) -> None:

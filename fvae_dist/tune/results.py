@@ -190,12 +190,9 @@ def trial_error(trial) -> str:
     return lines[-1][:300] if lines else "failed (no error file)"
 
 
-def read_metrics(run_dir: str | Path) -> dict:
+def read_metrics(run_dir) -> dict:
     """A Train run's metrics.json ({} when it has none yet)."""
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(location(run_dir) / "metrics.json") or {}
 
 
 def _outcome(status: str, metrics: dict, max_epochs: int) -> str:

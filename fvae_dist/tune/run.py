@@ -31,6 +31,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from fvae_dist.config import ExperimentConfig
+from fvae_dist.storage import UriPath, location, ray_storage
 from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
 from fvae_dist.tune.spec import EPOCHS_DONE
 
@@ -38,10 +39,11 @@ from fvae_dist.tune.spec import EPOCHS_DONE
 UNDEFINED_WORST = {"max": -1.0e9, "min": 1.0e9}
 
 
-def experiment_dir(storage_path: str | Path, name: str) -> Path:
+def experiment_dir(storage_path, name: str):
     """Where an experiment lives: <storage_path>/<name>, the one place a storage path becomes
-    a folder (Tune's RunConfig and Tuner.restore get their paths from here)."""
-    return (Path(storage_path).expanduser() / name).resolve()
+    a folder (Tune's RunConfig and Tuner.restore get their paths from here): an absolute path,
+    or a URI such as s3://bucket/tune/<name> (storage.py)."""
+    return location(storage_path) / name
 
 
 class TrialPlan:
@@ -94,9 +96,9 @@ class TrialReportCallback(TuneReportCallback):
       the experiment's metric.
     - An epoch whose metric was undefined (NaN, dropped by the loop) reports the worst value."""
 
-    def __init__(self, run_dir: Path, metric: str | None, mode: str, epochs: int):
+    def __init__(self, run_dir, metric: str | None, mode: str, epochs: int):
         super().__init__()
-        self.run_dir = str(run_dir)
+        self.run_dir = str(run_dir)  # a path or a URI: pickled with the trainer
         self.metric = metric
         self.worst = UNDEFINED_WORST[mode]
         self.epochs = epochs
@@ -107,13 +109,13 @@ class TrialReportCallback(TuneReportCallback):
             if int(result["epoch"]) + 1 < self.epochs:
                 result[EPOCHS_DONE] = int(result["epoch"]) + 1
         else:
-            result = {**_last_epoch_metrics(Path(self.run_dir)), **result}
+            result = {**_last_epoch_metrics(location(self.run_dir)), **result}
         if self.metric:
             result.setdefault(self.metric, self.worst)
         super().after_report(run_context, [result], checkpoint)
 
 
-def _last_epoch_metrics(run_dir: Path) -> dict:
+def _last_epoch_metrics(run_dir) -> dict:
     from fvae_dist.tune.results import read_metrics
 
     history = read_metrics(run_dir).get("history") or []
@@ -154,7 +156,7 @@ class Experiment:
 
 @dataclass
 class ExperimentRun:
-    folder: Path
+    folder: "Path | UriPath"
     resumed: bool
     concurrency: int
     results: ray.tune.ResultGrid
@@ -166,7 +168,8 @@ def run_experiment(experiment: Experiment) -> ExperimentRun:
     from fvae_dist.train.trainer import ensure_ray
 
     folder = experiment_dir(experiment.storage_path, experiment.name)
-    resumed = experiment.restore and ray.tune.Tuner.can_restore(str(folder))
+    path, filesystem = ray_storage(folder)
+    resumed = experiment.restore and ray.tune.Tuner.can_restore(path, storage_filesystem=filesystem)
     ensure_ray(experiment.cluster)
     concurrency = experiment.concurrency(check_fits(experiment.trial_shape, cluster_nodes()))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, plan=experiment.plan),
@@ -174,7 +177,7 @@ def run_experiment(experiment: Experiment) -> ExperimentRun:
     if resumed:
         # Tune restores the experiment's own TuneConfig and RunConfig (tuner.pkl); the trainable,
         # and with it the plan, is this call's
-        tuner = ray.tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True,
+        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, storage_filesystem=filesystem,
                                        resume_errored=experiment.resume_errored,
                                        restart_errored=experiment.restart_errored)
     else:
@@ -193,7 +196,8 @@ def run_experiment(experiment: Experiment) -> ExperimentRun:
             ),
             run_config=ray.tune.RunConfig(
                 name=folder.name,
-                storage_path=str(folder.parent),
+                storage_path=ray_storage(folder.parent)[0],
+                storage_filesystem=filesystem,
                 failure_config=ray.tune.FailureConfig(max_failures=experiment.max_failures),
                 callbacks=list(experiment.callbacks) or None,
             ),

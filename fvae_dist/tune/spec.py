@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fvae_dist.storage import location
 from fvae_dist.config import (
     ExperimentConfig,
     all_keys,
@@ -150,7 +151,8 @@ class TuneSettings:
     """Experiment folder name under storage_path; rerunning with the same name resumes."""
 
     storage_path: str = "runs"
-    """Parent of the experiment folder (relative to the working directory)."""
+    """Parent of the experiment folder: a directory (relative to the working directory) or a URI
+    such as s3://bucket/tune, where Tune's state and every trial's run folder then live."""
 
     metric: str = "best_valid_rank_ic"
     """A per-epoch metric of the training loop. best_valid_rank_ic is the validation Rank IC of the
@@ -177,7 +179,9 @@ class TuneSettings:
 
     def __post_init__(self) -> None:
         require(bool(self.name) and "/" not in self.name, "tune.name", "a folder name without '/'", self.name)
-        require(bool(self.storage_path), "tune.storage_path", "a directory", self.storage_path)
+        require(bool(self.storage_path), "tune.storage_path", "a directory or a URI such as s3://bucket/tune",
+                self.storage_path)
+        location(self.storage_path)  # a malformed URI is refused here, naming it
         require(self.mode in ("max", "min"), "tune.mode", '"max" or "min"', self.mode)
         require(self.num_samples >= 1, "tune.num_samples", "an integer >= 1", self.num_samples)
         require(self.tpe_startup_trials >= 1, "tune.tpe_startup_trials", "an integer >= 1", self.tpe_startup_trials)
@@ -291,7 +295,7 @@ def _base_config(raw: Any, source: str, base_dir: Path, resources: TrialResource
     # Trial actors run in their own working directories: every path they get must be absolute.
     return with_overrides(cfg, {
         "data.dataset_dir": str(Path(cfg.data.dataset_dir).expanduser().resolve()),
-        "ray.storage_path": str(Path(cfg.ray.storage_path).expanduser().resolve()),
+        "ray.storage_path": str(location(cfg.ray.storage_path)),
     })
 
 

@@ -135,3 +135,24 @@ def test_swapped_model_trains_like_the_reference(loop):
     scale = max(float(p.grad.abs().max()) for p in reference.parameters())
     for (name, a), b in zip(fast.named_parameters(), reference.parameters()):
         assert float((a.grad - b.grad).abs().max()) <= 1e-4 * scale, name
+
+
+@pytest.mark.timeout(300)
+def test_a_build_lock_left_by_a_killed_builder_does_not_block_loading(loop):
+    """torch's build lock is a plain file its builder deletes when done; a builder killed midway
+    leaves it and torch would wait for it forever. The loader holds its own flock (released when
+    its holder dies) and clears such a file (accel/extension.py: exclusive_build)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    from fvae_dist.accel.extension import build_name
+
+    stale = get_default_build_root() + f"/{build_name()}/lock"
+    open(stale, "w").close()
+    load_gru_loop.cache_clear()
+    try:
+        assert load_gru_loop() is not None
+    finally:
+        load_gru_loop.cache_clear()
+    import os
+
+    assert not os.path.exists(stale)

@@ -78,24 +78,32 @@ def _write_checkpoint(run_dir, epoch: int, world: int = 2, *, torn: bool = False
     return directory
 
 
-def test_a_complete_checkpoint_newer_than_rays_is_found(tmp_path):
+def test_resume_candidates_are_the_run_folders_checkpoints_newest_first(tmp_path):
     """Ray registers a checkpoint after report() wrote it; a worker dying in between leaves a
-    newer complete checkpoint that Ray does not hand back (train/checkpoint.py)."""
+    newer checkpoint that Ray does not hand back: the run folder decides (train/checkpoint.py)."""
     first, second = _write_checkpoint(tmp_path, 0), _write_checkpoint(tmp_path, 1)
-    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=first) == second
-    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=None) == second
-    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=second) is None
-    assert ckpt.unregistered_newer_checkpoint(tmp_path / "empty", registered=None) is None
+    assert ckpt.resume_candidates(tmp_path) == [second, first]
+    assert ckpt.resume_candidates(tmp_path / "empty") == []
 
 
-def test_an_incomplete_newer_checkpoint_is_passed_over(tmp_path):
-    registered = _write_checkpoint(tmp_path, 0)
-    _write_checkpoint(tmp_path, 1, ranks=[0])          # rank 1's file never arrived
-    _write_checkpoint(tmp_path, 2, torn=True)          # state.pt cut short
-    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered) is None
-    complete = _write_checkpoint(tmp_path, 3, world=1)
-    _write_checkpoint(tmp_path, 4, torn=True)
-    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered) == complete
+def test_unreadable_names_what_a_resume_could_not_read(tmp_path):
+    assert ckpt.unreadable(_write_checkpoint(tmp_path, 0)) is None
+    assert ckpt.unreadable(_write_checkpoint(tmp_path, 3, world=1)) is None
+    missing = ckpt.unreadable(_write_checkpoint(tmp_path, 1, ranks=[0]))  # rank 1's file never arrived
+    assert "incomplete checkpoint, missing ['rank-1.pt']" in missing
+    torn = ckpt.unreadable(_write_checkpoint(tmp_path, 2, torn=True))   # state.pt cut short
+    assert f"{ckpt.checkpoint_dir_name(2)}/{ckpt.STATE_FILE}: not a readable checkpoint file" in torn
+    damaged = _write_checkpoint(tmp_path, 4)
+    (damaged / ckpt.rank_file(1)).write_bytes((damaged / ckpt.rank_file(1)).read_bytes()[:20])
+    assert f"{ckpt.rank_file(1)}: not a readable checkpoint file" in ckpt.unreadable(damaged)
+
+
+def test_a_truncated_file_is_a_clear_error(tmp_path):
+    path = tmp_path / ckpt.STATE_FILE
+    ckpt.save({"model": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ckpt.CorruptCheckpoint, match=f"{path}: not a readable checkpoint file .truncated or corrupt"):
+        ckpt.load(path)
 
 
 def test_checkpoint_epoch_reads_the_directory_name(tmp_path):
@@ -106,28 +114,27 @@ def test_checkpoint_epoch_reads_the_directory_name(tmp_path):
 
 def test_checkpoints_named_otherwise_are_left_to_ray(tmp_path):
     ours = _write_checkpoint(tmp_path, 1)
-    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=tmp_path / "checkpoint_2026-11-24_10-00") is None
     (tmp_path / "checkpoint_epochXYZ").mkdir()
     ckpt.save({"world_size": 1}, tmp_path / "checkpoint_epochXYZ" / ckpt.STATE_FILE)
-    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=None) == ours
+    (tmp_path / "checkpoint_2026-11-24_10-00").mkdir()
+    assert ckpt.resume_candidates(tmp_path)[0] == ours
+    assert all(path.name != "checkpoint_2026-11-24_10-00" for path in ckpt.resume_candidates(tmp_path))
 
 
-def test_the_newer_checkpoint_is_read_with_the_resumes_loader(tmp_path):
+def test_a_checkpoint_is_read_with_the_resumes_loader(tmp_path):
     """A DeepSpeed run's state.pt holds DeepSpeed classes that plain weights_only loading
-    refuses; the search must read it the way the resume does, or it never finds one."""
+    refuses; the check must read it the way the resume does, or it never accepts one."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
     from fvae_dist.train.loop import _load_checkpoint_file
 
-    registered = _write_checkpoint(tmp_path, 0)
     newer = tmp_path / ckpt.checkpoint_dir_name(1)
     newer.mkdir()
     scaler = LossScaler(scale=1.0)
     ckpt.save({"world_size": 1, "optimizer": {"loss_scaler": scaler}}, newer / ckpt.STATE_FILE)
     ckpt.save({"rng": None}, newer / ckpt.rank_file(0))
-    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered) is None  # plain loader refuses it
-    assert ckpt.unregistered_newer_checkpoint(tmp_path, registered=registered,
-                                              load_state=_load_checkpoint_file) == newer
+    assert "weights_only loading refuses" in ckpt.unreadable(newer)  # the plain loader refuses it
+    assert ckpt.unreadable(newer, load_state=_load_checkpoint_file) is None
 
 
 def _history(scores: dict[int, float | None]) -> list[dict]:

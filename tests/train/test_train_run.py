@@ -179,6 +179,7 @@ def test_rerun_resumes_from_the_last_epoch(first_run, toy_dir, storage):
     assert first_audit.stat().st_mtime_ns == stamp, "epoch 0 was not trained again"
     assert (outcome.run_dir / "audit" / "epoch-0004-rank-1.json").is_file()
     assert ckpt.checkpoint_dir_name(4) in {p.name for p in ckpt.list_checkpoints(outcome.run_dir)}
+    assert _tensorboard_steps(outcome.run_dir / "tensorboard", "train/loss") == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.timeout(120)
@@ -226,16 +227,18 @@ def test_early_stopping_ends_the_run_and_the_cluster_still_runs_datasets(ray_loc
 
 @pytest.mark.timeout(400)
 def test_a_worker_that_dies_mid_epoch_is_restarted_from_the_last_checkpoint(ray_local, toy_dir, storage, tmp_path):
-    """ray.max_failures=1: rank 0's process exits at the first step of epoch 1 (a crash, not an
-    exception); the restarted workers resume from epoch 0's checkpoint and the run finishes with
-    every epoch recorded once. That early, Ray Train has often not registered the checkpoint yet
-    (train/checkpoint.py): without looking in the run folder, epoch 0 was trained again. The
-    feeders' Ray Data executions are cut off by the crash; the new workers' must still run."""
+    """ray.max_failures=1: rank 0's process is SIGKILLed at the first step of epoch 1; the
+    restarted workers resume from epoch 0's checkpoint and the run finishes with every epoch
+    once in metrics.json and in TensorBoard, and as many optimizer steps as an uninterrupted
+    run. That early, Ray Train has often not registered the checkpoint yet (train/checkpoint.py):
+    without looking in the run folder, epoch 0 was trained again. The feeders' Ray Data
+    executions are cut off by the crash; the new workers' must still run."""
     died = tmp_path / "rank-0-died"
     steps_per_epoch = load_manifest(toy_dir)["splits"]["train"]["n_days"] // 2  # 2 workers, 1 day a step
 
     def dying_builder(model_cfg):
         import os
+        import signal
 
         import ray.train
 
@@ -253,7 +256,7 @@ def test_a_worker_that_dies_mid_epoch_is_restarted_from_the_last_checkpoint(ray_
                     if (self.training_calls == steps_per_epoch + 1 and not died.exists()
                             and ray.train.get_context().get_world_rank() == 0):
                         died.write_text("epoch 1, step 1")
-                        os._exit(1)
+                        os.kill(os.getpid(), signal.SIGKILL)
                 return self.inner(*args)
 
             def predict(self, *args):
@@ -272,6 +275,20 @@ def test_a_worker_that_dies_mid_epoch_is_restarted_from_the_last_checkpoint(ray_
     assert (audit / "epoch-0000-rank-0.json").stat().st_mtime_ns < death, "epoch 0 came from its checkpoint"
     assert (audit / "epoch-0001-rank-0.json").stat().st_mtime_ns > death, "epoch 1 was trained again"
     assert outcome.metrics["final"]["test"]["days"] == load_manifest(toy_dir)["splits"]["test"]["n_days"]
+    assert [h["train_steps"] for h in history] == [steps_per_epoch] * 3, "as many steps as an uninterrupted run"
+    assert _tensorboard_steps(outcome.run_dir / "tensorboard", "train/loss") == [0, 1, 2]
+
+
+def _tensorboard_steps(log_dir, tag: str) -> list[int]:
+    """The steps of `tag` over every events file of the run (one per attempt would repeat epochs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        steps += [event.step for event in accumulator.Scalars(tag)] if tag in accumulator.Tags()["scalars"] else []
+    return sorted(steps)
 
 
 @pytest.mark.timeout(400)
