@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from fvae_dist.config import ExperimentConfig, config_to_dict, json_safe, with_overrides, write_text_atomic
+from fvae_dist.storage import location, read_json
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"

@@ -94,6 +94,11 @@ def test_train_on_a_bucket_survives_a_killed_driver_and_a_damaged_checkpoint(tmp
             assert [h["epoch"] for h in metrics["history"]] == list(range(EPOCHS))
             assert metrics["final"]["test"]["days"] == 16
             assert _tensorboard_epochs(run, tmp_path) == list(range(EPOCHS)), "every epoch once in TensorBoard"
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+            on_bucket = EventAccumulator(str(run / "tensorboard"))  # what `tensorboard --logdir s3://...` reads
+            on_bucket.Reload()
+            assert [event.step for event in on_bucket.Scalars("train/loss")] == list(range(EPOCHS))
 
             # 4. predict from the bucket into the bucket
             predicted = subprocess.run(_command("predict", "--run", str(run), "--split", "test"), cwd=workdir,
