@@ -1,7 +1,7 @@
 """Training throughput: the model step alone, and one epoch end to end on Ray Train.
 
     python scripts/bench_train.py --dataset data/cn_all [--dataset data/csi300 ...] [--out bench/train.json]
-                                  [--sections step,allocator,epoch] [--quick]
+                                  [--sections step,allocator,epoch] [--quick] [--storage DIR]
 
 step       FactorVAE's training step in one process, one thread, fp32, on real days of each data set
            (and on its largest day): ms per step (median of interleaved rounds) and the thread's CPU
@@ -10,8 +10,8 @@ allocator  the same step in a thread of a fresh process (where Ray Train runs it
            with and without the allocator path: page faults and ms per step
 epoch      `fvae-dist train` for one epoch (a fresh local cluster each, as a user runs it) with 1 and
            2 workers, fp32 and bf16, fast paths on (auto) and, fp32, off: wall time end to end, the
-           epoch's seconds, stock-days/s (and per core), data wait, peak RSS of the driver and of a
-           worker
+           epoch's seconds, stock-days/s (and per core), data wait, peak RSS of the driver, of every
+           training worker and of its input actor (the kernel's VmHWM of each process)
 Compare as ratios inside one run: the machine is shared and its speed drifts. Results go to the
 JSON file and a Markdown table on stdout (docs/benchmarks.md holds the dated figures).
 """
@@ -163,12 +163,65 @@ def bench_allocator(dataset: Path, quick: bool) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 def epoch_variants(quick: bool) -> list[dict]:
-    variants = [dict(workers=w, precision=p, cpu_kernels="auto") for w in (1, 2) for p in ("fp32", "bf16")]
-    variants += [dict(workers=w, precision="fp32", cpu_kernels="off") for w in (1, 2)]
+    # fast paths on and off side by side (the machine's speed drifts), fp32 before bf16
+    variants = [dict(workers=w, precision="fp32", cpu_kernels=k) for w in (2, 1) for k in ("auto", "off")]
+    variants += [dict(workers=w, precision="bf16", cpu_kernels="auto") for w in (2, 1)]
     return variants[:2] if quick else variants
 
 
-def bench_epoch(dataset: Path, quick: bool, storage: Path) -> list[dict]:
+class PeakRSS:
+    """Peak resident memory of every Ray process a command starts, by role, read from the kernel
+    (/proc/<pid>/status VmHWM, which only grows) every `every` seconds while the command runs.
+
+    A local cluster's processes are descendants of the driver, so the other Ray clusters on a
+    shared machine do not count. Roles are the process titles Ray gives its workers:
+    RayTrainWorker (a training rank), BatchFeeder (the rank's input actor), and the rest."""
+
+    def __init__(self, pid: int, every: float = 2.0):
+        import threading
+
+        self._pid, self._every = pid, every
+        self.peaks: dict[int, tuple[str, float]] = {}  # pid -> (role, MB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self._every):
+            try:
+                children = psutil.Process(self._pid).children(recursive=True)
+            except psutil.Error:
+                return
+            for child in children:
+                try:
+                    title = " ".join(child.cmdline())
+                    status = Path(f"/proc/{child.pid}/status").read_text()
+                except (psutil.Error, OSError):
+                    continue
+                if not title.startswith("ray::"):
+                    continue
+                role = title.split()[0].removeprefix("ray::").split(".")[0]
+                hwm = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
+                old_role, old = self.peaks.get(child.pid, (role, 0.0))
+                # a worker's title changes with the task it runs; a training rank stays one
+                keep = old_role if old_role in ("RayTrainWorker", "BatchFeeder") else role
+                self.peaks[child.pid] = (keep, max(old, hwm))
+
+    def stop(self) -> dict[str, list[float]]:
+        """MB per process of each role, largest first."""
+        self._stop.set()
+        self._thread.join()
+        by_role: dict[str, list[float]] = {}
+        for role, mb in self.peaks.values():
+            by_role.setdefault(role, []).append(round(mb, 1))
+        return {role: sorted(values, reverse=True) for role, values in sorted(by_role.items())}
+
+
+def bench_epoch(dataset: Path, quick: bool, storage: Path, record) -> list[dict]:
+    """One `fvae-dist train` epoch per variant; `record(rows)` after each, so a long run that is
+    stopped keeps what it measured. A failed variant is recorded with its error, not fatal."""
     rows = []
     for variant in epoch_variants(quick):
         cpus = round((CORES - 1) / variant["workers"] - 0.05, 2)  # Ray Data keeps a CPU
@@ -180,21 +233,43 @@ def bench_epoch(dataset: Path, quick: bool, storage: Path) -> list[dict]:
                      f"train.torch_threads={max(1, int(cpus + 0.5))}",
                      f"ray.storage_path={storage}", f"ray.run_name={name}"]
         started = time.perf_counter()
-        timed = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "fvae_dist.cli", "train", *overrides],
-                               cwd=REPO, capture_output=True, text=True, timeout=7200)
+        log = storage / f"{name}.log"
+        with open(log, "w") as output:
+            process = subprocess.Popen(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "fvae_dist.cli", "train",
+                                        *overrides], cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True)
+            peaks = PeakRSS(process.pid)
+            try:
+                returncode = process.wait(timeout=7200)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                processes = peaks.stop()
         wall = time.perf_counter() - started
-        if timed.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{timed.stderr[-3000:]}")
+        text = log.read_text()
+        row = {"dataset": str(dataset), **variant, "cpus_per_worker": cpus, "wall_s": wall,
+               "load_average_1min": os.getloadavg()[0]}
+        if returncode != 0:
+            row["error"] = text[-3000:]
+            rows.append(row)
+            record(rows)
+            print(f"epoch {dataset.name} {variant}: FAILED after {wall:.0f} s (log tail in the JSON)", flush=True)
+            continue
         history = json.loads((storage / name / "metrics.json").read_text())["history"][0]
         rate = history["perf_stock_days_per_s"]
-        row = {"dataset": str(dataset), **variant, "cpus_per_worker": cpus, "wall_s": wall,
-               "epoch_s": history["perf_epoch_seconds"], "stock_days_per_s": rate, "per_core": rate / CORES,
-               "data_wait": history["perf_data_wait_fraction"], "worker_peak_rss_mb": history.get("perf_peak_rss_mb"),
-               "driver_peak_rss_mb": int(timed.stderr.strip().splitlines()[-1]) / 1024,
-               "valid_rank_ic": history["valid_rank_ic"]}
+        row.update({
+            "epoch_s": history["perf_epoch_seconds"], "stock_days_per_s": rate, "per_core": rate / CORES,
+            "data_wait": history["perf_data_wait_fraction"],
+            "rank0_peak_rss_mb": history.get("perf_peak_rss_mb"),  # what the run itself reports
+            "worker_peak_rss_mb": processes.get("RayTrainWorker", []),  # every rank, from the kernel
+            "feeder_peak_rss_mb": processes.get("BatchFeeder", []),
+            "ray_processes_peak_rss_mb": processes,
+            "driver_peak_rss_mb": int(text.strip().splitlines()[-1]) / 1024,
+            "valid_rank_ic": history["valid_rank_ic"]})
         rows.append(row)
+        record(rows)
         print(f"epoch {dataset.name} {variant}: {wall:.0f} s end to end, epoch {row['epoch_s']:.0f} s, "
-              f"{rate:,.0f} stock-days/s, data wait {100 * row['data_wait']:.1f}%", flush=True)
+              f"{rate:,.0f} stock-days/s, data wait {100 * row['data_wait']:.1f}%, worker peak RSS "
+              f"{row['worker_peak_rss_mb']} MB", flush=True)
     return rows
 
 
@@ -204,11 +279,32 @@ def markdown(results: dict) -> str:
         lines += ["| data set | workers | precision | fast paths | end to end | epoch | stock-days/s | per core | "
                   "data wait | worker RSS | driver RSS |", "|" + "---|" * 11]
         for r in results["epoch"]:
+            if "error" in r:
+                lines.append(f"| {Path(r['dataset']).name} | {r['workers']} | {r['precision']} | {r['cpu_kernels']} | failed |")
+                continue
+            worker_rss = max(r["worker_peak_rss_mb"], default=float("nan"))
             lines.append(f"| {Path(r['dataset']).name} | {r['workers']} | {r['precision']} | {r['cpu_kernels']} | "
                          f"{r['wall_s']:.0f} s | {r['epoch_s']:.0f} s | {r['stock_days_per_s']:,.0f} | {r['per_core']:,.0f} | "
-                         f"{100 * r['data_wait']:.1f}% | {r['worker_peak_rss_mb'] or float('nan'):.0f} MB | "
+                         f"{100 * r['data_wait']:.1f}% | {worker_rss:.0f} MB | "
                          f"{r['driver_peak_rss_mb']:.0f} MB |")
     return "\n".join(lines)
+
+
+def git_commit() -> str | None:
+    """HEAD of this checkout, "+dirty" when it has uncommitted changes: figures are tied to it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def save(out: str, results: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(results, indent=1))
 
 
 def main() -> None:
@@ -217,20 +313,30 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "train.json"))
     parser.add_argument("--sections", default="step,allocator,epoch")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and variants (a smoke test)")
+    parser.add_argument("--storage", default=None,
+                        help="where the epoch runs' folders and logs go (default: a temporary folder, removed)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cores": CORES,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+               "commit": git_commit(), "load_average_at_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        storage = Path(args.storage).resolve() if args.storage else Path(scratch)
+        storage.mkdir(parents=True, exist_ok=True)
         for dataset in map(Path, args.dataset):
             if "step" in sections:
                 results.setdefault("step", []).extend(bench_step(dataset, args.quick))
             if "allocator" in sections:
                 results.setdefault("allocator", []).extend(bench_allocator(dataset, args.quick))
             if "epoch" in sections:
-                results.setdefault("epoch", []).extend(bench_epoch(dataset, args.quick, Path(storage)))
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(args.out, json.dumps(results, indent=1))
+                done = list(results.get("epoch", []))
+
+                def record(rows, done=done):
+                    results["epoch"] = done + rows
+                    save(args.out, results)
+
+                bench_epoch(dataset, args.quick, storage, record)
+            save(args.out, results)
     print(markdown(results))
 
 
