@@ -7,9 +7,10 @@ step       FactorVAE's training step in one process, one thread, fp32, on real d
            (and on its largest day): ms per step (median of interleaved rounds) and the thread's CPU
            time, with the CPU fast paths off and with the GRU path on (train.cpu_kernels)
 allocator  the same step in a thread of a fresh process (where Ray Train runs it), 4 days a step,
-           with and without the allocator path: page faults and ms per step
+           with and without the allocator path: page faults, ms and the thread's CPU ms per step
 epoch      `fvae-dist train` for one epoch (a fresh local cluster each, as a user runs it) with 1 and
-           2 workers, fp32 and bf16, fast paths on (auto) and, fp32, off: wall time end to end, the
+           2 workers, fp32 and bf16, fast paths on (auto) and, fp32, off (and, 2 workers, the GRU path
+           alone, which isolates the allocator path's share): wall time end to end, the
            epoch's seconds, stock-days/s (and per core), data wait, peak RSS of the driver, of every
            training worker and of its input actor (the kernel's VmHWM of each process)
 Compare as ratios inside one run: the machine is shared and its speed drifts. Results go to the
@@ -132,10 +133,11 @@ def steps():
     def step(b):
         optimizer.zero_grad(set_to_none=True); model(b["x"], b["mask"], b["y"])["loss"].backward(); optimizer.step()
     for b in batches * 2: step(b)
-    faults, wall = minor_faults_this_thread(), time.perf_counter()
+    faults, wall, cpu = minor_faults_this_thread(), time.perf_counter(), time.thread_time()
     for b in batches * 4: step(b)
     result["faults_per_step"] = (minor_faults_this_thread() - faults) / 8
     result["ms_per_step"] = (time.perf_counter() - wall) * 1e3 / 8
+    result["cpu_ms_per_step"] = (time.thread_time() - cpu) * 1e3 / 8  # the thread's own CPU time
 thread = threading.Thread(target=steps); thread.start(); thread.join()
 print(json.dumps(result))
 """
@@ -153,7 +155,8 @@ def bench_allocator(dataset: Path, quick: bool) -> list[dict]:
         row = {"dataset": str(dataset), "setting": setting, "attempt": attempt,
                **json.loads(done.stdout.strip().splitlines()[-1])}
         rows.append(row)
-        print(f"allocator {dataset.name} {setting}: {row['ms_per_step']:.0f} ms, {row['faults_per_step']:.0f} faults a step",
+        print(f"allocator {dataset.name} {setting}: {row['ms_per_step']:.0f} ms (CPU {row['cpu_ms_per_step']:.0f} ms), "
+              f"{row['faults_per_step']:.0f} faults a step",
               flush=True)
     return rows
 
@@ -163,8 +166,10 @@ def bench_allocator(dataset: Path, quick: bool) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 def epoch_variants(quick: bool) -> list[dict]:
-    # fast paths on and off side by side (the machine's speed drifts), fp32 before bf16
-    variants = [dict(workers=w, precision="fp32", cpu_kernels=k) for w in (2, 1) for k in ("auto", "off")]
+    # fast paths on and off side by side (the machine's speed drifts), fp32 before bf16; "gru"
+    # (every path but the allocator's) isolates the allocator path's share of the end-to-end step
+    variants = [dict(workers=2, precision="fp32", cpu_kernels=k) for k in ("auto", "off", "gru")]
+    variants += [dict(workers=1, precision="fp32", cpu_kernels=k) for k in ("auto", "off")]
     variants += [dict(workers=w, precision="bf16", cpu_kernels="auto") for w in (2, 1)]
     return variants[:2] if quick else variants
 
