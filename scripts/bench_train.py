@@ -1,7 +1,8 @@
 """Training throughput: the model step alone, and one epoch end to end on Ray Train.
 
     python scripts/bench_train.py --dataset data/cn_all [--dataset data/csi300 ...] [--out bench/train.json]
-                                  [--sections step,allocator,epoch] [--quick] [--storage DIR]
+                                  [--sections step,allocator,epoch] [--quick] [--variants w2-fp32-auto,...]
+                                  [--storage DIR]
 
 step       FactorVAE's training step in one process, one thread, fp32, on real days of each data set
            (and on its largest day): ms per step (median of interleaved rounds) and the thread's CPU
@@ -12,7 +13,8 @@ epoch      `fvae-dist train` for one epoch (a fresh local cluster each, as a use
            2 workers, fp32 and bf16, fast paths on (auto) and, fp32, off (and, 2 workers, the GRU path
            alone, which isolates the allocator path's share): wall time end to end, the
            epoch's seconds, stock-days/s (and per core), data wait, peak RSS of the driver, of every
-           training worker and of its input actor (the kernel's VmHWM of each process)
+           training worker and of its input actor (the kernel's VmHWM of each process), their CPU
+           seconds (what compares fast paths on a shared machine) and the mean load average
 Compare as ratios inside one run: the machine is shared and its speed drifts. Results go to the
 JSON file and a Markdown table on stdout (docs/benchmarks.md holds the dated figures).
 """
@@ -165,7 +167,19 @@ def bench_allocator(dataset: Path, quick: bool) -> list[dict]:
 # epoch: `fvae-dist train` end to end
 # ----------------------------------------------------------------------------------------------
 
-def epoch_variants(quick: bool) -> list[dict]:
+def variant_name(variant: dict) -> str:
+    return f"w{variant['workers']}-{variant['precision']}-{variant['cpu_kernels']}"
+
+
+def epoch_variants(quick: bool, only: str | None = None) -> list[dict]:
+    """The configurations, in the order they run; `only`: a comma-separated list of names such as
+    w2-fp32-auto,w2-fp32-off (that order)."""
+    if only:
+        known = {variant_name(v): v for v in epoch_variants(False)}
+        unknown = [name for name in only.split(",") if name not in known]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(known)}")
+        return [known[name] for name in only.split(",")]
     # fast paths on and off side by side (the machine's speed drifts), fp32 before bf16; "gru"
     # (every path but the allocator's) isolates the allocator path's share of the end-to-end step
     variants = [dict(workers=2, precision="fp32", cpu_kernels=k) for k in ("auto", "off", "gru")]
@@ -174,19 +188,25 @@ def epoch_variants(quick: bool) -> list[dict]:
     return variants[:2] if quick else variants
 
 
-class PeakRSS:
-    """Peak resident memory of every Ray process a command starts, by role, read from the kernel
-    (/proc/<pid>/status VmHWM, which only grows) every `every` seconds while the command runs.
+class RunStats:
+    """What the kernel says about every Ray process a command starts, sampled every `every`
+    seconds while it runs: each process's peak resident memory (/proc/<pid>/status VmHWM, which
+    only grows) and CPU seconds (utime + stime), by role; and the machine's load average.
 
+    CPU seconds compare fast paths on a shared machine where wall time does not: a neighbour's
+    load stretches the wall time of a run, much less the CPU time its own processes need.
     A local cluster's processes are descendants of the driver, so the other Ray clusters on a
     shared machine do not count. Roles are the process titles Ray gives its workers:
     RayTrainWorker (a training rank), BatchFeeder (the rank's input actor), and the rest."""
+
+    TICKS = os.sysconf("SC_CLK_TCK")
 
     def __init__(self, pid: int, every: float = 2.0):
         import threading
 
         self._pid, self._every = pid, every
-        self.peaks: dict[int, tuple[str, float]] = {}  # pid -> (role, MB)
+        self.seen: dict[int, list] = {}  # pid -> [role, peak MB, CPU s]
+        self.loads: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -195,6 +215,7 @@ class PeakRSS:
         import psutil
 
         while not self._stop.wait(self._every):
+            self.loads.append(os.getloadavg()[0])
             try:
                 children = psutil.Process(self._pid).children(recursive=True)
             except psutil.Error:
@@ -203,34 +224,42 @@ class PeakRSS:
                 try:
                     title = " ".join(child.cmdline())
                     status = Path(f"/proc/{child.pid}/status").read_text()
+                    stat = Path(f"/proc/{child.pid}/stat").read_text()
                 except (psutil.Error, OSError):
                     continue
                 if not title.startswith("ray::"):
                     continue
                 role = title.split()[0].removeprefix("ray::").split(".")[0]
                 hwm = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
-                old_role, old = self.peaks.get(child.pid, (role, 0.0))
+                fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+                cpu = (int(fields[11]) + int(fields[12])) / self.TICKS  # utime, stime
+                old_role, old_hwm, _ = self.seen.get(child.pid, (role, 0.0, 0.0))
                 # a worker's title changes with the task it runs; a training rank stays one
                 keep = old_role if old_role in ("RayTrainWorker", "BatchFeeder") else role
-                self.peaks[child.pid] = (keep, max(old, hwm))
+                self.seen[child.pid] = [keep, max(old_hwm, hwm), cpu]
 
-    def stop(self) -> dict[str, list[float]]:
-        """MB per process of each role, largest first."""
+    def stop(self) -> dict:
+        """{"peak_rss_mb": {role: [MB per process, largest first]}, "cpu_s": {role: total},
+        "load_average_mean": ...}"""
         self._stop.set()
         self._thread.join()
-        by_role: dict[str, list[float]] = {}
-        for role, mb in self.peaks.values():
-            by_role.setdefault(role, []).append(round(mb, 1))
-        return {role: sorted(values, reverse=True) for role, values in sorted(by_role.items())}
+        peaks: dict[str, list[float]] = {}
+        cpu: dict[str, float] = {}
+        for role, mb, seconds in self.seen.values():
+            peaks.setdefault(role, []).append(round(mb, 1))
+            cpu[role] = round(cpu.get(role, 0.0) + seconds, 1)
+        return {"peak_rss_mb": {role: sorted(v, reverse=True) for role, v in sorted(peaks.items())},
+                "cpu_s": dict(sorted(cpu.items())),
+                "load_average_mean": round(statistics.mean(self.loads), 1) if self.loads else None}
 
 
-def bench_epoch(dataset: Path, quick: bool, storage: Path, record) -> list[dict]:
+def bench_epoch(dataset: Path, quick: bool, storage: Path, record, only: str | None = None) -> list[dict]:
     """One `fvae-dist train` epoch per variant; `record(rows)` after each, so a long run that is
     stopped keeps what it measured. A failed variant is recorded with its error, not fatal."""
     rows = []
-    for variant in epoch_variants(quick):
+    for variant in epoch_variants(quick, only):
         cpus = round((CORES - 1) / variant["workers"] - 0.05, 2)  # Ray Data keeps a CPU
-        name = f"{dataset.name}-w{variant['workers']}-{variant['precision']}-{variant['cpu_kernels']}-{int(time.time())}"
+        name = f"{dataset.name}-{variant_name(variant)}-{int(time.time())}"
         overrides = ["--config", str(REPO / "tune_configs" / "cn_all.yaml"), f"data.dataset_dir={dataset}",
                      "data.test_split=none", "train.epochs=1", "train.early_stopping_patience=0",
                      f"train.precision={variant['precision']}", f"train.cpu_kernels={variant['cpu_kernels']}",
@@ -242,17 +271,17 @@ def bench_epoch(dataset: Path, quick: bool, storage: Path, record) -> list[dict]
         with open(log, "w") as output:
             process = subprocess.Popen(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "fvae_dist.cli", "train",
                                         *overrides], cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True)
-            peaks = PeakRSS(process.pid)
+            sampler = RunStats(process.pid)
             try:
                 returncode = process.wait(timeout=7200)
             finally:
                 if process.poll() is None:
                     process.kill()
-                processes = peaks.stop()
+                stats = sampler.stop()
         wall = time.perf_counter() - started
         text = log.read_text()
         row = {"dataset": str(dataset), **variant, "cpus_per_worker": cpus, "wall_s": wall,
-               "load_average_1min": os.getloadavg()[0]}
+               "load_average_mean": stats["load_average_mean"]}
         if returncode != 0:
             row["error"] = text[-3000:]
             rows.append(row)
@@ -265,16 +294,21 @@ def bench_epoch(dataset: Path, quick: bool, storage: Path, record) -> list[dict]
             "epoch_s": history["perf_epoch_seconds"], "stock_days_per_s": rate, "per_core": rate / CORES,
             "data_wait": history["perf_data_wait_fraction"],
             "rank0_peak_rss_mb": history.get("perf_peak_rss_mb"),  # what the run itself reports
-            "worker_peak_rss_mb": processes.get("RayTrainWorker", []),  # every rank, from the kernel
-            "feeder_peak_rss_mb": processes.get("BatchFeeder", []),
-            "ray_processes_peak_rss_mb": processes,
+            "worker_peak_rss_mb": stats["peak_rss_mb"].get("RayTrainWorker", []),  # every rank, from the kernel
+            "feeder_peak_rss_mb": stats["peak_rss_mb"].get("BatchFeeder", []),
+            "ray_processes_peak_rss_mb": stats["peak_rss_mb"],
+            # the whole run's CPU seconds of the training ranks (epoch, validation, scoring) and
+            # of their input actors
+            "worker_cpu_s": stats["cpu_s"].get("RayTrainWorker"), "feeder_cpu_s": stats["cpu_s"].get("BatchFeeder"),
+            "ray_processes_cpu_s": stats["cpu_s"],
             "driver_peak_rss_mb": int(text.strip().splitlines()[-1]) / 1024,
             "valid_rank_ic": history["valid_rank_ic"]})
         rows.append(row)
         record(rows)
         print(f"epoch {dataset.name} {variant}: {wall:.0f} s end to end, epoch {row['epoch_s']:.0f} s, "
               f"{rate:,.0f} stock-days/s, data wait {100 * row['data_wait']:.1f}%, worker peak RSS "
-              f"{row['worker_peak_rss_mb']} MB", flush=True)
+              f"{row['worker_peak_rss_mb']} MB, worker CPU {row['worker_cpu_s']} s, load {row['load_average_mean']}",
+              flush=True)
     return rows
 
 
@@ -318,6 +352,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "train.json"))
     parser.add_argument("--sections", default="step,allocator,epoch")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and variants (a smoke test)")
+    parser.add_argument("--variants", default=None,
+                        help="epoch: only these configurations, in this order (e.g. w2-fp32-auto,w2-fp32-off)")
     parser.add_argument("--storage", default=None,
                         help="where the epoch runs' folders and logs go (default: a temporary folder, removed)")
     args = parser.parse_args()
@@ -340,7 +376,7 @@ def main() -> None:
                     results["epoch"] = done + rows
                     save(args.out, results)
 
-                bench_epoch(dataset, args.quick, storage, record)
+                bench_epoch(dataset, args.quick, storage, record, args.variants)
             save(args.out, results)
     print(markdown(results))
 
