@@ -3,7 +3,10 @@ make such lines: the nearest valid name for a misspelt one, and the user's own e
 Ray's wrappers."""
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
+import sys
 import traceback
 from typing import Iterable, Iterator
 
@@ -58,10 +61,40 @@ def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
 def user_error(exc: BaseException) -> FvaeError | None:
     """The first FvaeError (bad resume, bad data, bad setting) inside `exc`, as one line."""
     for inner in exception_chain(exc):
-        if isinstance(inner, FvaeError):
+        # A Ray task error is an instance of the task's exception class too
+        # (RayTaskError(DataError)), but its text is the remote traceback: the exception itself
+        # is its `cause`, which comes next in the chain.
+        if isinstance(inner, FvaeError) and not isinstance(getattr(inner, "cause", None), BaseException):
             text = str(inner).splitlines()[0] if str(inner) else repr(inner)
             return type(inner)(text)
     return None
+
+
+@contextlib.contextmanager
+def quiet_reported_errors(logger_names: Iterable[str] = ("ray", "ray.data")) -> Iterator[None]:
+    """While active, the console handlers of these loggers drop records about an exception that
+    holds an FvaeError: the caller re-raises that error and the CLI prints it as one line.
+
+    Ray Data logs a failed task's traceback twice on the console before re-raising it (once
+    from the executor thread, once from the caller's); its log files keep them."""
+    quiet = _ReportedErrorFilter()
+    handlers = [handler for name in logger_names for handler in logging.getLogger(name).handlers
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+class _ReportedErrorFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        # the record's own exception, or the one being handled where it was logged (Ray Data's
+        # "Exception occurred in ..." line carries none itself)
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return error is None or user_error(error) is None
 
 
 def error_line(exc: BaseException) -> str:

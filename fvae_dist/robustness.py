@@ -66,12 +66,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from fvae_dist.config import ExperimentConfig, json_safe, with_overrides, write_text_atomic
 from fvae_dist.storage import UriPath, is_uri, location
 from fvae_dist.data.reopen import open_manifest_source, prepare_like
-from fvae_dist.data.shards import load_manifest, manifest_hash, shard_entries
+from fvae_dist.data.shards import load_manifest, manifest_hash, read_shard_table, shard_entries
 from fvae_dist.errors import ConfigError, DataError
 from fvae_dist.evaluate.metrics import daily_ic, read_predictions, summarize_ic
 from fvae_dist.evaluate.report import table2
@@ -176,7 +175,7 @@ def scorable_instruments(dataset_dir: str | Path, split: str) -> list[str]:
     manifest = load_manifest(dataset_dir)
     found: set[str] = set()
     for entry in shard_entries(manifest, split):
-        table = pq.read_table(Path(dataset_dir) / entry["path"], columns=["date", "instrument", "in_universe", "label"])
+        table = read_shard_table(Path(dataset_dir) / entry["path"], ["date", "instrument", "in_universe", "label"])
         frame = table.to_pandas()
         dates = frame["date"].to_numpy(dtype="datetime64[D]")
         own = (dates >= np.datetime64(entry["own_start"], "D")) & (dates <= np.datetime64(entry["own_end"], "D"))

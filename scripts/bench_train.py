@@ -1,17 +1,20 @@
 """Training throughput: the model step alone, and one epoch end to end on Ray Train.
 
     python scripts/bench_train.py --dataset data/cn_all [--dataset data/csi300 ...] [--out bench/train.json]
-                                  [--sections step,allocator,epoch] [--quick]
+                                  [--sections step,allocator,epoch] [--quick] [--variants w2-fp32-auto,...]
+                                  [--storage DIR]
 
 step       FactorVAE's training step in one process, one thread, fp32, on real days of each data set
            (and on its largest day): ms per step (median of interleaved rounds) and the thread's CPU
            time, with the CPU fast paths off and with the GRU path on (train.cpu_kernels)
 allocator  the same step in a thread of a fresh process (where Ray Train runs it), 4 days a step,
-           with and without the allocator path: page faults and ms per step
+           with and without the allocator path: page faults, ms and the thread's CPU ms per step
 epoch      `fvae-dist train` for one epoch (a fresh local cluster each, as a user runs it) with 1 and
-           2 workers, fp32 and bf16, fast paths on (auto) and, fp32, off: wall time end to end, the
-           epoch's seconds, stock-days/s (and per core), data wait, peak RSS of the driver and of a
-           worker
+           2 workers, fp32 and bf16, fast paths on (auto) and, fp32, off (and, 2 workers, the GRU path
+           alone, which isolates the allocator path's share): wall time end to end, the
+           epoch's seconds, stock-days/s (and per core), data wait, peak RSS of the driver, of every
+           training worker and of its input actor (the kernel's VmHWM of each process), their CPU
+           seconds (what compares fast paths on a shared machine) and the mean load average
 Compare as ratios inside one run: the machine is shared and its speed drifts. Results go to the
 JSON file and a Markdown table on stdout (docs/benchmarks.md holds the dated figures).
 """
@@ -132,10 +135,11 @@ def steps():
     def step(b):
         optimizer.zero_grad(set_to_none=True); model(b["x"], b["mask"], b["y"])["loss"].backward(); optimizer.step()
     for b in batches * 2: step(b)
-    faults, wall = minor_faults_this_thread(), time.perf_counter()
+    faults, wall, cpu = minor_faults_this_thread(), time.perf_counter(), time.thread_time()
     for b in batches * 4: step(b)
     result["faults_per_step"] = (minor_faults_this_thread() - faults) / 8
     result["ms_per_step"] = (time.perf_counter() - wall) * 1e3 / 8
+    result["cpu_ms_per_step"] = (time.thread_time() - cpu) * 1e3 / 8  # the thread's own CPU time
 thread = threading.Thread(target=steps); thread.start(); thread.join()
 print(json.dumps(result))
 """
@@ -153,7 +157,8 @@ def bench_allocator(dataset: Path, quick: bool) -> list[dict]:
         row = {"dataset": str(dataset), "setting": setting, "attempt": attempt,
                **json.loads(done.stdout.strip().splitlines()[-1])}
         rows.append(row)
-        print(f"allocator {dataset.name} {setting}: {row['ms_per_step']:.0f} ms, {row['faults_per_step']:.0f} faults a step",
+        print(f"allocator {dataset.name} {setting}: {row['ms_per_step']:.0f} ms (CPU {row['cpu_ms_per_step']:.0f} ms), "
+              f"{row['faults_per_step']:.0f} faults a step",
               flush=True)
     return rows
 
@@ -162,17 +167,99 @@ def bench_allocator(dataset: Path, quick: bool) -> list[dict]:
 # epoch: `fvae-dist train` end to end
 # ----------------------------------------------------------------------------------------------
 
-def epoch_variants(quick: bool) -> list[dict]:
-    variants = [dict(workers=w, precision=p, cpu_kernels="auto") for w in (1, 2) for p in ("fp32", "bf16")]
-    variants += [dict(workers=w, precision="fp32", cpu_kernels="off") for w in (1, 2)]
+def variant_name(variant: dict) -> str:
+    return f"w{variant['workers']}-{variant['precision']}-{variant['cpu_kernels']}"
+
+
+def epoch_variants(quick: bool, only: str | None = None) -> list[dict]:
+    """The configurations, in the order they run; `only`: a comma-separated list of names such as
+    w2-fp32-auto,w2-fp32-off (that order)."""
+    if only:
+        known = {variant_name(v): v for v in epoch_variants(False)}
+        unknown = [name for name in only.split(",") if name not in known]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(known)}")
+        return [known[name] for name in only.split(",")]
+    # fast paths on and off side by side (the machine's speed drifts), fp32 before bf16; "gru"
+    # (every path but the allocator's) isolates the allocator path's share of the end-to-end step
+    variants = [dict(workers=2, precision="fp32", cpu_kernels=k) for k in ("auto", "off", "gru")]
+    variants += [dict(workers=1, precision="fp32", cpu_kernels=k) for k in ("auto", "off")]
+    variants += [dict(workers=w, precision="bf16", cpu_kernels="auto") for w in (2, 1)]
     return variants[:2] if quick else variants
 
 
-def bench_epoch(dataset: Path, quick: bool, storage: Path) -> list[dict]:
+class RunStats:
+    """What the kernel says about every Ray process a command starts, sampled every `every`
+    seconds while it runs: each process's peak resident memory (/proc/<pid>/status VmHWM, which
+    only grows) and CPU seconds (utime + stime), by role; and the machine's load average.
+
+    CPU seconds compare fast paths on a shared machine where wall time does not: a neighbour's
+    load stretches the wall time of a run, much less the CPU time its own processes need.
+    A local cluster's processes are descendants of the driver, so the other Ray clusters on a
+    shared machine do not count. Roles are the process titles Ray gives its workers:
+    RayTrainWorker (a training rank), BatchFeeder (the rank's input actor), and the rest."""
+
+    TICKS = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pid: int, every: float = 2.0):
+        import threading
+
+        self._pid, self._every = pid, every
+        self.seen: dict[int, list] = {}  # pid -> [role, peak MB, CPU s]
+        self.loads: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self._every):
+            self.loads.append(os.getloadavg()[0])
+            try:
+                children = psutil.Process(self._pid).children(recursive=True)
+            except psutil.Error:
+                return
+            for child in children:
+                try:
+                    title = " ".join(child.cmdline())
+                    status = Path(f"/proc/{child.pid}/status").read_text()
+                    stat = Path(f"/proc/{child.pid}/stat").read_text()
+                except (psutil.Error, OSError):
+                    continue
+                if not title.startswith("ray::"):
+                    continue
+                role = title.split()[0].removeprefix("ray::").split(".")[0]
+                hwm = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
+                fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+                cpu = (int(fields[11]) + int(fields[12])) / self.TICKS  # utime, stime
+                old_role, old_hwm, _ = self.seen.get(child.pid, (role, 0.0, 0.0))
+                # a worker's title changes with the task it runs; a training rank stays one
+                keep = old_role if old_role in ("RayTrainWorker", "BatchFeeder") else role
+                self.seen[child.pid] = [keep, max(old_hwm, hwm), cpu]
+
+    def stop(self) -> dict:
+        """{"peak_rss_mb": {role: [MB per process, largest first]}, "cpu_s": {role: total},
+        "load_average_mean": ...}"""
+        self._stop.set()
+        self._thread.join()
+        peaks: dict[str, list[float]] = {}
+        cpu: dict[str, float] = {}
+        for role, mb, seconds in self.seen.values():
+            peaks.setdefault(role, []).append(round(mb, 1))
+            cpu[role] = round(cpu.get(role, 0.0) + seconds, 1)
+        return {"peak_rss_mb": {role: sorted(v, reverse=True) for role, v in sorted(peaks.items())},
+                "cpu_s": dict(sorted(cpu.items())),
+                "load_average_mean": round(statistics.mean(self.loads), 1) if self.loads else None}
+
+
+def bench_epoch(dataset: Path, quick: bool, storage: Path, record, only: str | None = None) -> list[dict]:
+    """One `fvae-dist train` epoch per variant; `record(rows)` after each, so a long run that is
+    stopped keeps what it measured. A failed variant is recorded with its error, not fatal."""
     rows = []
-    for variant in epoch_variants(quick):
+    for variant in epoch_variants(quick, only):
         cpus = round((CORES - 1) / variant["workers"] - 0.05, 2)  # Ray Data keeps a CPU
-        name = f"{dataset.name}-w{variant['workers']}-{variant['precision']}-{variant['cpu_kernels']}-{int(time.time())}"
+        name = f"{dataset.name}-{variant_name(variant)}-{int(time.time())}"
         overrides = ["--config", str(REPO / "tune_configs" / "cn_all.yaml"), f"data.dataset_dir={dataset}",
                      "data.test_split=none", "train.epochs=1", "train.early_stopping_patience=0",
                      f"train.precision={variant['precision']}", f"train.cpu_kernels={variant['cpu_kernels']}",
@@ -180,21 +267,48 @@ def bench_epoch(dataset: Path, quick: bool, storage: Path) -> list[dict]:
                      f"train.torch_threads={max(1, int(cpus + 0.5))}",
                      f"ray.storage_path={storage}", f"ray.run_name={name}"]
         started = time.perf_counter()
-        timed = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "fvae_dist.cli", "train", *overrides],
-                               cwd=REPO, capture_output=True, text=True, timeout=7200)
+        log = storage / f"{name}.log"
+        with open(log, "w") as output:
+            process = subprocess.Popen(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "fvae_dist.cli", "train",
+                                        *overrides], cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True)
+            sampler = RunStats(process.pid)
+            try:
+                returncode = process.wait(timeout=7200)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                stats = sampler.stop()
         wall = time.perf_counter() - started
-        if timed.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{timed.stderr[-3000:]}")
+        text = log.read_text()
+        row = {"dataset": str(dataset), **variant, "cpus_per_worker": cpus, "wall_s": wall,
+               "load_average_mean": stats["load_average_mean"]}
+        if returncode != 0:
+            row["error"] = text[-3000:]
+            rows.append(row)
+            record(rows)
+            print(f"epoch {dataset.name} {variant}: FAILED after {wall:.0f} s (log tail in the JSON)", flush=True)
+            continue
         history = json.loads((storage / name / "metrics.json").read_text())["history"][0]
         rate = history["perf_stock_days_per_s"]
-        row = {"dataset": str(dataset), **variant, "cpus_per_worker": cpus, "wall_s": wall,
-               "epoch_s": history["perf_epoch_seconds"], "stock_days_per_s": rate, "per_core": rate / CORES,
-               "data_wait": history["perf_data_wait_fraction"], "worker_peak_rss_mb": history.get("perf_peak_rss_mb"),
-               "driver_peak_rss_mb": int(timed.stderr.strip().splitlines()[-1]) / 1024,
-               "valid_rank_ic": history["valid_rank_ic"]}
+        row.update({
+            "epoch_s": history["perf_epoch_seconds"], "stock_days_per_s": rate, "per_core": rate / CORES,
+            "data_wait": history["perf_data_wait_fraction"],
+            "rank0_peak_rss_mb": history.get("perf_peak_rss_mb"),  # what the run itself reports
+            "worker_peak_rss_mb": stats["peak_rss_mb"].get("RayTrainWorker", []),  # every rank, from the kernel
+            "feeder_peak_rss_mb": stats["peak_rss_mb"].get("BatchFeeder", []),
+            "ray_processes_peak_rss_mb": stats["peak_rss_mb"],
+            # the whole run's CPU seconds of the training ranks (epoch, validation, scoring) and
+            # of their input actors
+            "worker_cpu_s": stats["cpu_s"].get("RayTrainWorker"), "feeder_cpu_s": stats["cpu_s"].get("BatchFeeder"),
+            "ray_processes_cpu_s": stats["cpu_s"],
+            "driver_peak_rss_mb": int(text.strip().splitlines()[-1]) / 1024,
+            "valid_rank_ic": history["valid_rank_ic"]})
         rows.append(row)
+        record(rows)
         print(f"epoch {dataset.name} {variant}: {wall:.0f} s end to end, epoch {row['epoch_s']:.0f} s, "
-              f"{rate:,.0f} stock-days/s, data wait {100 * row['data_wait']:.1f}%", flush=True)
+              f"{rate:,.0f} stock-days/s, data wait {100 * row['data_wait']:.1f}%, worker peak RSS "
+              f"{row['worker_peak_rss_mb']} MB, worker CPU {row['worker_cpu_s']} s, load {row['load_average_mean']}",
+              flush=True)
     return rows
 
 
@@ -204,11 +318,32 @@ def markdown(results: dict) -> str:
         lines += ["| data set | workers | precision | fast paths | end to end | epoch | stock-days/s | per core | "
                   "data wait | worker RSS | driver RSS |", "|" + "---|" * 11]
         for r in results["epoch"]:
+            if "error" in r:
+                lines.append(f"| {Path(r['dataset']).name} | {r['workers']} | {r['precision']} | {r['cpu_kernels']} | failed |")
+                continue
+            worker_rss = max(r["worker_peak_rss_mb"], default=float("nan"))
             lines.append(f"| {Path(r['dataset']).name} | {r['workers']} | {r['precision']} | {r['cpu_kernels']} | "
                          f"{r['wall_s']:.0f} s | {r['epoch_s']:.0f} s | {r['stock_days_per_s']:,.0f} | {r['per_core']:,.0f} | "
-                         f"{100 * r['data_wait']:.1f}% | {r['worker_peak_rss_mb'] or float('nan'):.0f} MB | "
+                         f"{100 * r['data_wait']:.1f}% | {worker_rss:.0f} MB | "
                          f"{r['driver_peak_rss_mb']:.0f} MB |")
     return "\n".join(lines)
+
+
+def git_commit() -> str | None:
+    """HEAD of this checkout, "+dirty" when it has uncommitted changes: figures are tied to it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def save(out: str, results: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(results, indent=1))
 
 
 def main() -> None:
@@ -217,20 +352,32 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "train.json"))
     parser.add_argument("--sections", default="step,allocator,epoch")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and variants (a smoke test)")
+    parser.add_argument("--variants", default=None,
+                        help="epoch: only these configurations, in this order (e.g. w2-fp32-auto,w2-fp32-off)")
+    parser.add_argument("--storage", default=None,
+                        help="where the epoch runs' folders and logs go (default: a temporary folder, removed)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cores": CORES,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+               "commit": git_commit(), "load_average_at_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        storage = Path(args.storage).resolve() if args.storage else Path(scratch)
+        storage.mkdir(parents=True, exist_ok=True)
         for dataset in map(Path, args.dataset):
             if "step" in sections:
                 results.setdefault("step", []).extend(bench_step(dataset, args.quick))
             if "allocator" in sections:
                 results.setdefault("allocator", []).extend(bench_allocator(dataset, args.quick))
             if "epoch" in sections:
-                results.setdefault("epoch", []).extend(bench_epoch(dataset, args.quick, Path(storage)))
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(args.out, json.dumps(results, indent=1))
+                done = list(results.get("epoch", []))
+
+                def record(rows, done=done):
+                    results["epoch"] = done + rows
+                    save(args.out, results)
+
+                bench_epoch(dataset, args.quick, storage, record, args.variants)
+            save(args.out, results)
     print(markdown(results))
 
 

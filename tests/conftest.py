@@ -50,6 +50,22 @@ def pytest_configure(config):
     toy.CPU_KERNELS = config.getoption("--cpu-kernels")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device
+    (scripts/gpu_check.sh runs them on a GPU machine)."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} ({build}) sees none")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """Ray with 2 CPUs, as on the target laptop: 2 workers x 0.5 CPU leave 1 CPU to Ray Data."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fvae_dist.data.processors import cs_rank_norm
@@ -75,6 +76,46 @@ def shard_entries(manifest: dict, split: str) -> list[dict]:
 SHARD_COLUMNS = ("date", "instrument", "label", "label_norm", "in_universe")  # besides the features
 
 
+def unreadable_shard(path: str | Path, error: BaseException) -> DataError:
+    """One line naming the shard and what is wrong with it, from the error pyarrow (or the OS)
+    raised: a shard cut short by a full disk or an interrupted copy otherwise surfaces as a deep
+    pyarrow traceback that names no file."""
+    # pyarrow's message on one line: its lines joined, bytes it quotes from the file dropped
+    lines = ["".join(c for c in line if c.isprintable()).strip().rstrip(" .:;") for line in str(error).splitlines()]
+    detail = "; ".join(line for line in lines if line) or type(error).__name__
+    if isinstance(error, FileNotFoundError):
+        what = "missing (the manifest lists it; was the data set moved or partly copied?)"
+    elif isinstance(error, PermissionError):
+        what = f"cannot be opened: {detail}"
+    else:
+        what = f"not a readable Parquet file (truncated or corrupt?): {detail}"
+    return DataError(f"{path}: {what}; re-run `fvae-dist prepare` or restore the data set")
+
+
+def read_shard_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """pq.read_table of one shard; DataError naming the file when it cannot be read."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise unreadable_shard(path, error) from error
+
+
+def check_shards_readable(dataset_dir: str | Path, entries: list[dict]) -> None:
+    """Open every shard's Parquet footer (a few KB each) and compare its row count with the
+    manifest's: a truncated, missing or replaced shard is then refused with one line before
+    any Ray task reads it, instead of failing inside Ray Data mid-run."""
+    for entry in entries:
+        path = Path(dataset_dir) / entry["path"]
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except (pa.ArrowException, OSError) as error:
+            raise unreadable_shard(path, error) from error
+        expected = entry.get("n_rows")
+        if expected is not None and rows != int(expected):
+            raise DataError(f"{path}: holds {rows} rows, the manifest says {expected} (replaced by another "
+                            "data set's shard?); re-run `fvae-dist prepare` or restore the data set")
+
+
 @dataclass
 class ShardCube:
     """One shard in memory, the form both ways of cutting samples start from (`iter_shard_days`
@@ -112,11 +153,15 @@ def read_shard(
     target is ranked again without them."""
     path = Path(dataset_dir) / entry["path"]
     columns = [*SHARD_COLUMNS, *features]
-    missing = [name for name in columns if name not in pq.read_schema(path).names]
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as error:
+        raise unreadable_shard(path, error) from error
+    missing = [name for name in columns if name not in names]
     if missing:
         raise DataError(f"{path}: no column {missing[0]!r}" + (f" (nor {missing[1:]})" if missing[1:] else "")
                         + "; the manifest's features and the shard format need it. Re-run `fvae-dist prepare`")
-    frame = pq.read_table(path, columns=columns).to_pandas()
+    frame = read_shard_table(path, columns).to_pandas()
     if exclude_instruments:
         frame = frame[~frame["instrument"].isin(exclude_instruments)]
 

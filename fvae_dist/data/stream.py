@@ -35,8 +35,9 @@ import ray.train
 from ray.data import Dataset, RandomSeedConfig
 
 from fvae_dist.data.day_blocks import days_in_block, shard_blocks
-from fvae_dist.data.shards import DaySample, collate_days, load_manifest, read_shard, shard_entries
-from fvae_dist.errors import DataError
+from fvae_dist.data.shards import (DaySample, check_shards_readable, collate_days, load_manifest, read_shard,
+                                   shard_entries)
+from fvae_dist.errors import DataError, quiet_reported_errors, user_error
 
 
 def day_blocks(
@@ -61,6 +62,7 @@ def day_blocks(
     entries = shard_entries(manifest, split)
     if not entries:
         raise DataError(f"{dataset_dir}/manifest.json: split {split!r} has no shards")
+    check_shards_readable(dataset_dir, entries)
     ds = ray.data.from_items([{"shard": index} for index in range(len(entries))], override_num_blocks=len(entries))
     # A Ray Data block is closed as soon as it exceeds this size, so each day-panel block ends up
     # in one of its own: Ray Data's block order is then date order, and streaming_split hands
@@ -81,7 +83,18 @@ def day_blocks(
             "exclude": sorted(set(exclude_instruments)),
         },
     )
-    return ds.materialize() if materialize else ds
+    if not materialize:
+        return ds
+    try:
+        with quiet_reported_errors():
+            return ds.materialize()
+    except Exception as exc:
+        # a shard that fails inside a read task (corrupt past its footer) arrives wrapped in
+        # Ray's task error: raise the DataError naming it, which the CLI prints as one line
+        mine = user_error(exc)
+        if mine is None:
+            raise
+        raise mine from None
 
 
 def _shard_blocks(item: dict, *, dataset_dir, entries, features, seq_len, days_per_block, drop_nan_label,

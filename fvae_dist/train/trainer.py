@@ -28,7 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from fvae_dist import accel
 from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, with_data_features, write_text_atomic
-from fvae_dist.data.shards import MANIFEST_NAME, load_manifest, manifest_hash
+from fvae_dist.data.shards import MANIFEST_NAME, check_shards_readable, load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_blocks, epoch_seed, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, user_error
 from fvae_dist.storage import UriPath, ray_storage, read_json
@@ -269,5 +269,7 @@ def _dataset_dir(cfg: ExperimentConfig) -> Path:
     if not cfg.data.dataset_dir:
         raise ConfigError("data.dataset_dir is empty: set it in the config file or pass data.dataset_dir=DIR")
     path = Path(cfg.data.dataset_dir).expanduser().resolve()
-    load_manifest(path)  # raises DataError naming the file when it is not a prepared data set
+    # DataError naming the file when it is not a prepared data set, or a shard is cut short or
+    # missing: refused before Ray starts rather than from inside a Ray Data task
+    check_shards_readable(path, load_manifest(path)["shards"])
     return path
