@@ -38,7 +38,8 @@ class DataConfig:
     """Which prepared data set a run reads and how days are batched."""
 
     dataset_dir: str = ""
-    """Directory written by `fvae-dist prepare` (manifest.json + shards/). Required."""
+    """Data set written by `fvae-dist prepare` (manifest.json + shards/): a directory, or a URI such
+    as s3://bucket/data/cn_all that every node reads through pyarrow. Required."""
 
     batch_days: int = 1
     """D: trading days per optimisation step and worker, padded to the largest N with a mask.

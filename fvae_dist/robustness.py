@@ -175,7 +175,7 @@ def scorable_instruments(dataset_dir: str | Path, split: str) -> list[str]:
     manifest = load_manifest(dataset_dir)
     found: set[str] = set()
     for entry in shard_entries(manifest, split):
-        table = read_shard_table(Path(dataset_dir) / entry["path"], ["date", "instrument", "in_universe", "label"])
+        table = read_shard_table(location(dataset_dir) / entry["path"], ["date", "instrument", "in_universe", "label"])
         frame = table.to_pandas()
         dates = frame["date"].to_numpy(dtype="datetime64[D]")
         own = (dates >= np.datetime64(entry["own_start"], "D")) & (dates <= np.datetime64(entry["own_end"], "D"))

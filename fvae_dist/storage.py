@@ -3,7 +3,7 @@ knows (`s3://bucket/runs`, `gs://...`, `hdfs://...`), as Ray Train and Ray Tune 
 
     location("runs")                 -> pathlib.Path, absolute
     location("s3://bucket/runs")     -> UriPath: the pathlib calls this package uses, through pyarrow.fs
-    ray_storage(location)            -> (storage_path, storage_filesystem) for Ray's RunConfig
+    arrow_path(location)             -> (path, filesystem) for pyarrow and Ray's RunConfig
     write_bytes_atomic / write_text_atomic / read_json / remove_tree / download_dir
 
 On a cluster whose nodes share nothing but a bucket, every file a run writes (config.yaml,
@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 
 from fvae_dist.errors import ConfigError
 
-StoragePath = Path  # or UriPath: see location()
+READ_ATTEMPTS = 5
 
 
 def is_uri(text: str | os.PathLike) -> bool:
@@ -161,11 +161,20 @@ class UriPath:
         self.fs.create_dir(self.path, recursive=True)
 
     def read_bytes(self) -> bytes:
-        try:
-            with self.fs.open_input_stream(self.path) as stream:
-                return stream.read()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self}: not found") from None
+        """The object's bytes, whole. pyarrow reads an object by asking its size and then reading
+        that many bytes; an object replaced in between (metrics.json is rewritten every epoch)
+        would come back cut to the old size, so the read is repeated until it agrees with the
+        object's size afterwards."""
+        for _ in range(READ_ATTEMPTS):
+            try:
+                with self.fs.open_input_stream(self.path) as stream:
+                    data = stream.read()
+                size = self.fs.get_file_info(self.path).size
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{self}: not found") from None
+            if size == len(data):
+                return data
+        raise OSError(f"{self}: changed while it was read, {READ_ATTEMPTS} times in a row")
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
@@ -189,9 +198,10 @@ class UriPath:
 # What works the same on both kinds of path
 # ----------------------------------------------------------------------------------------------
 
-def ray_storage(path: "Path | UriPath") -> tuple[str, pafs.FileSystem | None]:
-    """(storage_path, storage_filesystem) for ray.train/ray.tune RunConfig: Ray is given the
-    file system itself, so a URI's query (endpoint_override) is kept."""
+def arrow_path(path: "Path | UriPath") -> tuple[str, pafs.FileSystem | None]:
+    """(path, filesystem) as pyarrow and Ray take them (pq.read_table(path, filesystem=...),
+    RunConfig(storage_path=..., storage_filesystem=...)): for a URI the file system itself is
+    passed, so its query (endpoint_override) is kept; None for a local path."""
     if isinstance(path, UriPath):
         return path.path, path.fs
     return str(path), None

@@ -10,7 +10,7 @@ import pytest
 
 from fvae_dist.config import load_config
 from fvae_dist.errors import ConfigError
-from fvae_dist.storage import (UriPath, download_dir, files_under, location, ray_storage, read_json, remove_tree,
+from fvae_dist.storage import (UriPath, download_dir, files_under, location, arrow_path, read_json, remove_tree,
                                write_text_atomic)
 from tests.s3_server import s3_server
 
@@ -67,7 +67,7 @@ def test_a_uri_path_reads_writes_lists_and_deletes(bucket, tmp_path):
     assert (copy / "hparams" / "events.out.tfevents.1").read_text() == "x"
     remove_tree(run / "tensorboard")
     assert not (run / "tensorboard").exists() and (run / "metrics.json").is_file()
-    assert ray_storage(run)[0] == "store/runs/one" and ray_storage(tmp_path) == (str(tmp_path), None)
+    assert arrow_path(run)[0] == "store/runs/one" and arrow_path(tmp_path) == (str(tmp_path), None)
 
 
 def test_a_pickled_uri_path_carries_no_credentials(bucket):
@@ -78,7 +78,7 @@ def test_a_pickled_uri_path_carries_no_credentials(bucket):
     assert s3.env["AWS_SECRET_ACCESS_KEY"].encode() not in data and s3.env["AWS_ACCESS_KEY_ID"].encode() not in data
     assert pickle.loads(data) == path
     # the file system Ray is given carries the endpoint, not the secret
-    assert s3.env["AWS_SECRET_ACCESS_KEY"].encode() not in pickle.dumps(ray_storage(path)[1])
+    assert s3.env["AWS_SECRET_ACCESS_KEY"].encode() not in pickle.dumps(arrow_path(path)[1])
 
 
 def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
@@ -88,3 +88,29 @@ def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     assert target.read_text() == "2" and sorted(p.name for p in target.parent.iterdir()) == ["b.json"]
     assert files_under(tmp_path / "missing") == [] and files_under(tmp_path) == [target]
     assert isinstance(location(Path("x")), Path)
+
+
+def test_prepare_writes_a_data_set_to_a_bucket_that_reads_back_like_a_local_one(bucket, tmp_path):
+    """`prepare --out s3://...`: built locally, uploaded manifest last; its days are the local
+    build's, read through the bucket (data sets there are what every node of a cluster reads)."""
+    import numpy as np
+
+    from fvae_dist.data.bars import open_source
+    from fvae_dist.data.prepare import prepare_dataset
+    from fvae_dist.data.shards import iter_shard_days, load_manifest, manifest_hash, shard_entries
+
+    root, _ = bucket
+    source = open_source("synthetic:stocks=12,days=160,seed=4")
+    local = prepare_dataset(source, tmp_path / "local", seq_len=5, progress=False)
+    remote = prepare_dataset(source, str(root / "data" / "synthetic"), seq_len=5, progress=False)
+    assert isinstance(remote.path, UriPath) and not remote.reused
+    assert manifest_hash(remote.path) == manifest_hash(local.path)
+    manifest = load_manifest(remote.path)
+    entry = shard_entries(manifest, "train")[0]
+    for ours, theirs in zip(iter_shard_days(remote.path, entry, drop_nan_label=True, manifest=manifest),
+                            iter_shard_days(local.path, entry, drop_nan_label=True, manifest=manifest)):
+        np.testing.assert_array_equal(ours.x, theirs.x)
+    assert prepare_dataset(source, str(root / "data" / "synthetic"), seq_len=5, progress=False).reused
+    with pytest.raises(Exception, match="holds a data set prepared from other input"):
+        prepare_dataset(open_source("synthetic:stocks=12,days=160,seed=5"), str(root / "data" / "synthetic"),
+                        seq_len=5, progress=False)

@@ -33,11 +33,12 @@ def add_parser(subparsers) -> None:
 def labels_from_dataset(dataset_dir, label_column: str) -> pd.DataFrame:
     """date, instrument, label from every shard of a prepared data set (halo rows dropped)."""
     from fvae_dist.data.shards import load_manifest, read_shard_table
+    from fvae_dist.storage import location
 
     manifest = load_manifest(dataset_dir)
     frames = []
     for entry in manifest["shards"]:
-        path = Path(dataset_dir) / entry["path"]
+        path = location(dataset_dir) / entry["path"]
         shard = read_shard_table(path).to_pandas()
         require_columns(shard, ["date", "instrument", label_column], f"shard {path}")
         if "in_universe" in shard.columns:

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
         "of the trading calendar.",
     )
     add_source_arguments(parser)
-    parser.add_argument("--out", required=True, help="data set directory (written atomically)")
+    parser.add_argument("--out", required=True, help="data set directory (written atomically), or a URI such as s3://bucket/data/NAME (built locally, "
+                        "uploaded with manifest.json last)")
     parser.add_argument("--train", default=None, help="START:END, e.g. 2010-01-01:2017-12-31")
     parser.add_argument("--valid", default=None, help="START:END")
     parser.add_argument("--test", default=None, help="START:END")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from fvae_dist.data.processors import RobustZScore, apply_robust_zscore, cs_rank
 from fvae_dist.data.shards import FORMAT_VERSION, MANIFEST_NAME
 from fvae_dist.data.splits import Splits, resolve_splits
 from fvae_dist.errors import ConfigError, DataError
+from fvae_dist.storage import UriPath, location, upload_file
 
 # Every Alpha158 feature looks back at most 61 rows (CORD60, CNTP60, SUMP60, VSUMP60, WVMA60: a
 # 60-day window of 1-day changes); reading this many extra days before the first window makes the
@@ -136,7 +138,8 @@ def prepare_dataset(
         raise ConfigError(f"--seq-len must be >= 1, got {seq_len}")
     if shard_rows < 1_000:
         raise ConfigError(f"--shard-rows must be >= 1000, got {shard_rows}")
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)  # a directory, or a storage URI (built locally, then uploaded)
+    requested_splits = splits
     splits = resolve_splits(source.calendar, splits, warmup_days=seq_len)
     excluded = _checked_exclusions(source, fit_exclude_instruments)
     settings = prepare_settings(source.fingerprint(), source_open_args(source), splits.to_json(), seq_len,
@@ -145,6 +148,18 @@ def prepare_dataset(
     existing = existing_manifest(out_dir)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         return PrepareResult(out_dir, reused=True, manifest=existing)
+
+    if isinstance(out_dir, UriPath):
+        if existing is not None:
+            raise DataError(f"{out_dir}: holds a data set prepared from other input or settings; a bucket has no "
+                            "atomic rename to replace it safely: delete it first, or use another --out")
+        with tempfile.TemporaryDirectory(prefix="fvae-prepare-") as scratch:
+            result = prepare_dataset(source, Path(scratch) / "dataset", splits=requested_splits, seq_len=seq_len,
+                                     feature_set=feature_set, shard_rows=shard_rows, chunk_size=chunk_size,
+                                     progress=progress, fit_exclude_instruments=fit_exclude_instruments,
+                                     universe=universe)
+            upload_dataset(result.path, out_dir)
+        return PrepareResult(out_dir, reused=False, manifest=result.manifest)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     (tmp / "raw").mkdir(parents=True)
@@ -508,21 +523,29 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def existing_manifest(out_dir: Path) -> dict | None:
+def existing_manifest(out_dir) -> dict | None:
     """The manifest of the data set in out_dir; None when there is none yet (refuses a non-empty
     folder that is not a data set, so prepare never overwrites someone's files)."""
     path = out_dir / MANIFEST_NAME
     if not out_dir.exists():
         return None
     if not path.is_file():
-        if any(out_dir.iterdir()):
+        if any(True for _ in out_dir.iterdir()):
             raise DataError(f"{out_dir}: exists, is not empty and holds no {MANIFEST_NAME}; refusing to overwrite it")
         return None
     try:
-        with open(path) as handle:
-            return json.load(handle)
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def upload_dataset(local: Path, target: UriPath) -> None:
+    """Copy a finished data set to a storage URI, manifest.json last: readers take a data set
+    whose manifest is there as complete, so a copy cut short is never read as one."""
+    for path in sorted(local.rglob("*")):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            upload_file(path, target / path.relative_to(local).as_posix())
+    upload_file(local / MANIFEST_NAME, target / MANIFEST_NAME)
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from fvae_dist.data.processors import cs_rank_norm
 from fvae_dist.errors import DataError
+from fvae_dist.storage import arrow_path, location
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -47,12 +48,12 @@ class DaySample:
     label: np.ndarray  # [N] float32, raw LABEL0 for evaluation, NaN allowed
 
 
-def load_manifest(dataset_dir: str | Path) -> dict:
-    path = Path(dataset_dir) / MANIFEST_NAME
+def load_manifest(dataset_dir) -> dict:
+    """The data set's manifest.json (a directory, or a storage URI's: storage.location)."""
+    path = location(dataset_dir) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(f"{path}: no manifest.json; expected a data set written by `fvae-dist prepare`")
-    with open(path) as handle:
-        manifest = json.load(handle)
+    manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}; "
@@ -63,7 +64,7 @@ def load_manifest(dataset_dir: str | Path) -> dict:
 
 def manifest_hash(dataset_dir: str | Path) -> str:
     """Hash of manifest.json: names the exact data a run was trained on."""
-    content = (Path(dataset_dir) / MANIFEST_NAME).read_bytes()
+    content = (location(dataset_dir) / MANIFEST_NAME).read_bytes()
     return hashlib.sha256(content).hexdigest()[:16]
 
 
@@ -94,8 +95,9 @@ def unreadable_shard(path: str | Path, error: BaseException) -> DataError:
 
 def read_shard_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """pq.read_table of one shard; DataError naming the file when it cannot be read."""
+    source, filesystem = arrow_path(location(path))
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(source, columns=columns, filesystem=filesystem)
     except (pa.ArrowException, OSError) as error:
         raise unreadable_shard(path, error) from error
 
@@ -105,9 +107,10 @@ def check_shards_readable(dataset_dir: str | Path, entries: list[dict]) -> None:
     manifest's: a truncated, missing or replaced shard is then refused with one line before
     any Ray task reads it, instead of failing inside Ray Data mid-run."""
     for entry in entries:
-        path = Path(dataset_dir) / entry["path"]
+        path = location(dataset_dir) / entry["path"]
+        source, filesystem = arrow_path(path)
         try:
-            rows = pq.read_metadata(path).num_rows
+            rows = pq.read_metadata(source, filesystem=filesystem).num_rows
         except (pa.ArrowException, OSError) as error:
             raise unreadable_shard(path, error) from error
         expected = entry.get("n_rows")
@@ -151,10 +154,11 @@ def read_shard(
 
     exclude_instruments: stocks removed entirely (the robustness experiment holds them out); the
     target is ranked again without them."""
-    path = Path(dataset_dir) / entry["path"]
+    path = location(dataset_dir) / entry["path"]
     columns = [*SHARD_COLUMNS, *features]
+    source, filesystem = arrow_path(path)
     try:
-        names = pq.read_schema(path).names
+        names = pq.read_schema(source, filesystem=filesystem).names
     except (pa.ArrowException, OSError) as error:
         raise unreadable_shard(path, error) from error
     missing = [name for name in columns if name not in names]

@@ -38,6 +38,7 @@ from fvae_dist.data.day_blocks import days_in_block, shard_blocks
 from fvae_dist.data.shards import (DaySample, check_shards_readable, collate_days, load_manifest, read_shard,
                                    shard_entries)
 from fvae_dist.errors import DataError, quiet_reported_errors, user_error
+from fvae_dist.storage import location
 
 
 def day_blocks(
@@ -57,7 +58,7 @@ def day_blocks(
     shards on every pass (fine for a split read once, such as test)."""
     if days_per_block < 1:
         raise ValueError(f"days_per_block must be >= 1, got {days_per_block}")
-    dataset_dir = str(Path(dataset_dir).resolve())
+    dataset_dir = str(location(dataset_dir))  # a directory or a storage URI, as the read tasks get it
     manifest = load_manifest(dataset_dir)
     entries = shard_entries(manifest, split)
     if not entries:

@@ -76,7 +76,7 @@ def predict_split(
     if exposures and not is_factorvae(cfg.model):
         raise ConfigError(f"{run_dir / 'config.yaml'}: factor exposures (betas) exist only for FactorVAE; this run "
                           f"trained model.name={cfg.model.name}. Predict without --exposures.")
-    dataset_dir = Path(dataset_dir or cfg.data.dataset_dir).expanduser().resolve()
+    dataset_dir = location(dataset_dir or cfg.data.dataset_dir)
     manifest = load_manifest(dataset_dir)
     _check_same_data(run_dir, dataset_dir, allow_other_data)
     if threads:

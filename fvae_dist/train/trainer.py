@@ -31,7 +31,7 @@ from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, with
 from fvae_dist.data.shards import MANIFEST_NAME, check_shards_readable, load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_blocks, epoch_seed, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, user_error
-from fvae_dist.storage import UriPath, ray_storage, read_json
+from fvae_dist.storage import UriPath, arrow_path, location, read_json
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
 from fvae_dist.train.loop import METRICS_FILE, train_loop_per_worker
@@ -94,7 +94,7 @@ def build_trainer(
     dataset_dir = _dataset_dir(cfg)
     data_hash = manifest_hash(dataset_dir)
     manifest = load_manifest(dataset_dir)
-    cfg = with_data_features(cfg, manifest, Path(dataset_dir) / MANIFEST_NAME)  # model.num_features: 0 -> C
+    cfg = with_data_features(cfg, manifest, dataset_dir / MANIFEST_NAME)  # model.num_features: 0 -> C
     run_dir = run_dir_of(cfg)
     check_resume_allowed(run_dir, cfg, data_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def build_trainer(
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
     device_type = "cuda" if cfg.ray.use_gpu else "cpu"
-    storage_path, storage_filesystem = ray_storage(run_dir.parent)
+    storage_path, storage_filesystem = arrow_path(run_dir.parent)
     accel.build_ahead(cfg.train.cpu_kernels, device_type)  # workers on this node then find it built
     return TorchTrainer(
         train_loop_per_worker,
@@ -265,10 +265,10 @@ def check_cluster_fits(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"{cfg.ray.run_name}: {exc}") from None
 
 
-def _dataset_dir(cfg: ExperimentConfig) -> Path:
+def _dataset_dir(cfg: ExperimentConfig) -> "Path | UriPath":
     if not cfg.data.dataset_dir:
         raise ConfigError("data.dataset_dir is empty: set it in the config file or pass data.dataset_dir=DIR")
-    path = Path(cfg.data.dataset_dir).expanduser().resolve()
+    path = location(cfg.data.dataset_dir)  # a directory or a storage URI
     # DataError naming the file when it is not a prepared data set, or a shard is cut short or
     # missing: refused before Ray starts rather than from inside a Ray Data task
     check_shards_readable(path, load_manifest(path)["shards"])

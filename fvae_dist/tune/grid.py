@@ -146,7 +146,7 @@ def fingerprint(cfg: ExperimentConfig) -> dict:
 
     config = config_to_dict(cfg)
     config.pop("ray")
-    return {"config": config, "manifest_hash": manifest_hash(Path(cfg.data.dataset_dir).expanduser())}
+    return {"config": config, "manifest_hash": manifest_hash(cfg.data.dataset_dir)}
 
 
 class GridPlan(TrialPlan):

@@ -31,7 +31,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from fvae_dist.config import ExperimentConfig
-from fvae_dist.storage import UriPath, location, ray_storage
+from fvae_dist.storage import UriPath, location, arrow_path
 from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
 from fvae_dist.tune.spec import EPOCHS_DONE
 
@@ -168,7 +168,7 @@ def run_experiment(experiment: Experiment) -> ExperimentRun:
     from fvae_dist.train.trainer import ensure_ray
 
     folder = experiment_dir(experiment.storage_path, experiment.name)
-    path, filesystem = ray_storage(folder)
+    path, filesystem = arrow_path(folder)
     resumed = experiment.restore and ray.tune.Tuner.can_restore(path, storage_filesystem=filesystem)
     ensure_ray(experiment.cluster)
     concurrency = experiment.concurrency(check_fits(experiment.trial_shape, cluster_nodes()))
@@ -196,7 +196,7 @@ def run_experiment(experiment: Experiment) -> ExperimentRun:
             ),
             run_config=ray.tune.RunConfig(
                 name=folder.name,
-                storage_path=ray_storage(folder.parent)[0],
+                storage_path=arrow_path(folder.parent)[0],
                 storage_filesystem=filesystem,
                 failure_config=ray.tune.FailureConfig(max_failures=experiment.max_failures),
                 callbacks=list(experiment.callbacks) or None,

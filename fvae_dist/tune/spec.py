@@ -294,7 +294,7 @@ def _base_config(raw: Any, source: str, base_dir: Path, resources: TrialResource
                           "data.dataset_dir=DIR")
     # Trial actors run in their own working directories: every path they get must be absolute.
     return with_overrides(cfg, {
-        "data.dataset_dir": str(Path(cfg.data.dataset_dir).expanduser().resolve()),
+        "data.dataset_dir": str(location(cfg.data.dataset_dir)),
         "ray.storage_path": str(location(cfg.ray.storage_path)),
     })
 

@@ -1,4 +1,4 @@
-"""Runs whose only storage is a bucket: `fvae-dist train` with ray.storage_path=s3://... against
+"""Runs whose only storage is a bucket: `fvae-dist train` with its data set and ray.storage_path on s3:// against
 a real S3-protocol server on loopback (moto's, tests/s3_server.py), its driver killed mid-run,
 the latest checkpoint damaged, the same command rerun, and predictions read from the bucket.
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fvae_dist.data.prepare import upload_dataset
 from fvae_dist.storage import UriPath, download_dir, files_under, read_parquet
 from fvae_dist.train import checkpoint as ckpt
 from tests.process_tree import kill_tree
@@ -61,6 +62,9 @@ def test_train_on_a_bucket_survives_a_killed_driver_and_a_damaged_checkpoint(tmp
         run = UriPath.parse(f"{storage}/{RUN}")
         os.environ.update(s3.env)  # this process reads the bucket too
         try:
+            # the data set lives on the bucket too: Ray Data's read tasks and predict read it there
+            upload_dataset(dataset, UriPath.parse("s3://fvae/data/toy"))
+            dataset = "s3://fvae/data/toy"
             # 1. train, and kill the driver (and its whole local cluster) once 3 epochs are on the bucket
             first = subprocess.Popen(_command(*_train_args(dataset, storage)), cwd=workdir, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
