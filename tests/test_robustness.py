@@ -202,7 +202,9 @@ def grid(market_dir, tmp_path_factory, fvae_ray):
     records = tmp_path / "records"
     records.mkdir()
     out = tmp_path / "out"
-    cfg = tiny_config(market_dir, tmp_path / "unused", num_features=20)
+    # ray.max_failures=0: the injected failure fails the trial's training instead of being
+    # absorbed by Ray Train restarting its worker group, so that the grid's own retry is what runs
+    cfg = tiny_config(market_dir, tmp_path / "unused", "ray.max_failures=0", num_features=20)
     retried = RunSpec("factorvae", 4, 1).name
     messages = []
     summary = run_robustness(cfg, models=["factorvae"], ms=[4, 8], seeds=2, out_dir=out, retries=1,
