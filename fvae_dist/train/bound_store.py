@@ -1,24 +1,33 @@
 """PyTorch's rendezvous store bound to the address the other ranks are given, not every interface.
 
-Ray Train sets up a run's torch.distributed process group (TorchConfig, init_method env:// or
-tcp://): rank 0 hosts a c10d TCPStore at MASTER_ADDR:MASTER_PORT, the rank-0 node's address
-(127.0.0.1 on a local cluster), and its server listens on every interface of the machine:
-PyTorch takes no address to bind, only an already bound socket (master_listen_fd), which Ray
-Train does not pass.
+Ray Train sets up a run's torch.distributed process group (its TorchConfig backend, init_method
+env://): rank 0 hosts a c10d TCPStore at MASTER_ADDR:MASTER_PORT, the rank-0 node's address
+(127.0.0.1 on a local cluster), and that store's server listens on every interface of the
+machine: PyTorch takes no address to bind, only an already bound socket (master_listen_fd),
+which Ray Train does not pass.
 
-    install()   run in every Train worker process when it starts (Ray's runtime_env
-                worker_process_setup_hook): rank 0's store then listens on MASTER_ADDR only
+    BoundStoreTorchConfig(backend=...)   TorchTrainer's torch_config: before Ray Train sets up
+                                         the process group, every worker runs install()
+    install()                            rank 0's store then listens on MASTER_ADDR only
 
-tests/train/test_local_cluster.py sees the store's socket among the cluster's listening ones.
+Both lean on internals (Ray Train's _TorchBackend, torch's rendezvous._create_c10d_store);
+tests/train/test_local_cluster.py sees the store's socket among the cluster's listening ones and
+fails when either changes.
 """
 from __future__ import annotations
 
+import importlib
 import socket
+from dataclasses import dataclass
+
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _TorchBackend
 
 
 def install() -> None:
-    from torch.distributed import rendezvous
-
+    """Make this process's rank-0 rendezvous store listen on the master address only."""
+    # the module (torch.distributed.rendezvous is also the name of one of its functions)
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
     original = rendezvous._create_c10d_store
     if getattr(original, "binds_master_addr", False):
         return
@@ -35,3 +44,18 @@ def install() -> None:
 
     create_c10d_store.binds_master_addr = True
     rendezvous._create_c10d_store = create_c10d_store
+
+
+class _BoundStoreBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config) -> None:
+        worker_group.execute(install)
+        super().on_start(worker_group, backend_config)
+
+
+@dataclass
+class BoundStoreTorchConfig(TorchConfig):
+    """Ray Train's TorchConfig, with rank 0's rendezvous store bound to the master address."""
+
+    @property
+    def backend_cls(self):
+        return _BoundStoreBackend

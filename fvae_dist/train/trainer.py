@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import ray
 import ray.train
 import yaml
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from fvae_dist import accel
 from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, with_data_features, write_text_atomic
@@ -32,9 +32,11 @@ from fvae_dist.data.stream import DaySplitConfig, day_blocks, epoch_seed, shuffl
 from fvae_dist.errors import ConfigError, DataError, user_error
 from fvae_dist.job_paths import require_durable
 from fvae_dist.train import checkpoint as ckpt
+from fvae_dist.train.bound_store import BoundStoreTorchConfig
 from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
 from fvae_dist.train.local_ray import join_ray, start_local_ray
 from fvae_dist.train.loop import METRICS_FILE, train_loop_per_worker
+from fvae_dist.train.lost_workers import lost_workers_error
 
 CONFIG_FILE = "config.yaml"
 MANIFEST_HASH_FILE = "manifest_hash.txt"
@@ -50,7 +52,14 @@ class TrainingOutcome:
 def train(cfg: ExperimentConfig, *, callbacks: Sequence = (), model_builder: Callable | None = None) -> TrainingOutcome:
     """Run (or resume) one training run and return its metrics."""
     trainer = build_trainer(cfg, callbacks=callbacks, model_builder=model_builder)
-    result = fit(trainer)
+    try:
+        result = fit(trainer)
+    except ray.train.TrainingFailedError as exc:
+        lost = lost_workers_error(exc, cfg.ray.run_name, completed_epochs(run_dir_of(cfg)), cfg.train.epochs,
+                                  cfg.ray.max_failures)
+        if lost is None:
+            raise
+        raise lost from exc
     run_dir = run_dir_of(cfg)
     metrics_path = run_dir / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -140,7 +149,8 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        # rank 0's rendezvous store listens on the master address only, not on every interface
+        torch_config=BoundStoreTorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
         ),
@@ -155,9 +165,7 @@ def build_trainer(
             ),
             callbacks=list(callbacks) or None,
             logging_config=ray.train.LoggingConfig(log_level=cfg.ray.log_level.upper()),
-            worker_runtime_env={"env_vars": accel.worker_env_vars(cfg.train.cpu_kernels, device_type),
-                                # rank 0's rendezvous store listens on the master address only
-                                "worker_process_setup_hook": "fvae_dist.train.bound_store.install"},
+            worker_runtime_env={"env_vars": accel.worker_env_vars(cfg.train.cpu_kernels, device_type)},
         ),
         datasets=datasets,
         dataset_config=DaySplitConfig(equal_split=("train",)),
