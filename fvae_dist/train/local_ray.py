@@ -50,7 +50,7 @@ LOCAL_START_ENV = {
 # about its internal calls (e.g. Ray Data's DatasetManager), which a user cannot act on.
 LOCAL_QUIET_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
-DASHBOARD_PORT_ATTEMPTS = 5
+START_ATTEMPTS = 5
 # Where the dashboard's port is drawn from: above Ray's worker ports (10002-19999 by default) and
 # below Linux's ephemeral range (32768 and up), from which every other process of the cluster
 # takes its ports while it starts. A port the kernel handed out (bind to port 0) could be handed
@@ -151,17 +151,24 @@ def free_local_port() -> int:
 def _init_with_dashboard(num_cpus: int) -> None:
     # The dashboard's port is fixed before ray.init so that state_api_env can name it; Ray would
     # otherwise pick one (8265 or the next free one) only while it starts.
-    for attempt in range(DASHBOARD_PORT_ATTEMPTS):
+    for attempt in range(START_ATTEMPTS):
         port = free_local_port()
         try:
             ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port,
                      _node_ip_address=LOOPBACK, log_to_driver=True, runtime_env={"env_vars": state_api_env(port)})
             return
-        except ValueError as exc:
-            # another process took the port between the probe and the dashboard's bind
-            if "already occupied" not in str(exc) or attempt == DASHBOARD_PORT_ATTEMPTS - 1:
+        except Exception as exc:
+            if not _worth_another_start(exc) or attempt == START_ATTEMPTS - 1:
                 raise
             ray.shutdown()
+
+
+def _worth_another_start(exc: Exception) -> bool:
+    """Whether a local cluster that failed to start may start on a second try: another process
+    took the dashboard's port between the probe and the bind, or the node did not come up in
+    time (on a busy machine the raylet gives up when its agents take more than 15 s to start)."""
+    text = str(exc)
+    return "already occupied" in text or "timed out during startup" in text
 
 
 @contextmanager
