@@ -1,11 +1,11 @@
 """One line instead of Ray's traceback when a run ends because the cluster lost its workers.
 
 A Train worker whose process or node dies fails the run once ray.max_failures restarts are used
-up (0 by default: at once), and a restart fails too when the cluster can no longer place the
-worker group (the lost node held what the others cannot). Ray ends fit() with a WorkerGroupError
-or ControllerError of some 100 lines; what the user needs is which worker went, how far the run
-got and what to do: rerun the same command once the cluster is whole again, which resumes from
-the latest checkpoint.
+up, and a restart fails too when the cluster cannot place the worker group within
+trainer.WORKER_GROUP_START_ATTEMPTS tries (the lost node held what the others cannot). Ray ends
+fit() with a WorkerGroupError or ControllerError of some 100 lines; what the user needs is which
+worker went, how far the run got and what to do: rerun the same command once the cluster is
+whole again, which resumes from the latest checkpoint.
 
     lost_workers_error(exc, run_name, epochs_done, epochs, max_failures) -> ClusterError | None
 """

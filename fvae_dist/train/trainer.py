@@ -40,6 +40,12 @@ from fvae_dist.train.lost_workers import lost_workers_error
 
 CONFIG_FILE = "config.yaml"
 MANIFEST_HASH_FILE = "manifest_hash.txt"
+# How often Ray Train tries to start a restarted worker group that the cluster cannot place (a
+# lost node held what the others cannot), each try waiting 60 s: Ray 2.60 tries without end
+# (FailureConfig.controller_failure_limit=-1), and the run then hangs until the node is back. Ten
+# give a returning node (an autoscaler's new one) ten minutes; then the run ends with one line
+# (train/lost_workers.py), and rerunning it resumes.
+WORKER_GROUP_START_ATTEMPTS = 10
 
 
 @dataclass
@@ -157,7 +163,8 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=cfg.ray.run_name,
             storage_path=str(run_dir.parent),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures,
+                                                   controller_failure_limit=WORKER_GROUP_START_ATTEMPTS),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="checkpoint_score",
