@@ -116,9 +116,10 @@ class RayCluster:
         return node
 
     def add_node(self, num_cpus: int, resources: dict | None = None) -> Node:
+        alive = len(self.alive_nodes())
         node = self._start([f"--address={self.address}", "--node-ip-address=127.0.0.1"], num_cpus, resources,
                            head=False)
-        self.wait_for_nodes(len(self.nodes))
+        self.wait_for_nodes(alive + 1)
         return node
 
     def client_env(self) -> dict[str, str]:
