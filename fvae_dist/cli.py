@@ -9,7 +9,8 @@ from fvae_dist import __version__
 from fvae_dist.errors import FvaeError
 
 # command name -> module in fvae_dist.commands; a module that is not there yet is simply not offered
-COMMANDS = ("features", "prepare", "train", "predict", "evaluate", "tune", "robustness", "reproduce", "backtest", "report")
+COMMANDS = ("features", "prepare", "train", "predict", "evaluate", "tune", "robustness", "reproduce", "backtest", "report",
+            "submit")
 
 
 def build_parser() -> argparse.ArgumentParser:

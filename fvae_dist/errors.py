@@ -23,6 +23,10 @@ class ConfigError(FvaeError, ValueError):
     """A setting that is unknown, out of range or inconsistent with the data or the cluster."""
 
 
+class ClusterError(FvaeError):
+    """The Ray cluster lost what a run needed (a worker's process or node); rerunning resumes."""
+
+
 def nearest_name(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate `name` most likely misspells: a close spelling, the same name in another
     case, or a dotted key that ends with it ("lr" -> "train.lr"); None when nothing is near."""

@@ -15,8 +15,6 @@ run folder, ray.train.get_checkpoint() hands the latest one to the workers.
 from __future__ import annotations
 
 import os
-import random
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,21 +22,30 @@ from typing import Callable, Sequence
 import ray
 import ray.train
 import yaml
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from fvae_dist import accel
 from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, with_data_features, write_text_atomic
 from fvae_dist.data.shards import MANIFEST_NAME, check_shards_readable, load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_blocks, epoch_seed, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, user_error
+from fvae_dist.job_paths import require_durable
 from fvae_dist.storage import UriPath, arrow_path, location, read_json
 from fvae_dist.train import checkpoint as ckpt
+from fvae_dist.train.bound_store import BoundStoreTorchConfig
 from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
+from fvae_dist.train.local_ray import join_ray, start_local_ray
 from fvae_dist.train.loop import METRICS_FILE, train_loop_per_worker
+from fvae_dist.train.lost_workers import lost_workers_error
 
 CONFIG_FILE = "config.yaml"
 MANIFEST_HASH_FILE = "manifest_hash.txt"
-DASHBOARD_HOST = "127.0.0.1"  # a local cluster's dashboard answers this machine only
+# How often Ray Train tries to start a restarted worker group that the cluster cannot place (a
+# lost node held what the others cannot), each try waiting 60 s: Ray 2.60 tries without end
+# (FailureConfig.controller_failure_limit=-1), and the run then hangs until the node is back. Ten
+# give a returning node (an autoscaler's new one) ten minutes; then the run ends with one line
+# (train/lost_workers.py), and rerunning it resumes.
+WORKER_GROUP_START_ATTEMPTS = 10
 
 
 @dataclass
@@ -51,7 +58,14 @@ class TrainingOutcome:
 def train(cfg: ExperimentConfig, *, callbacks: Sequence = (), model_builder: Callable | None = None) -> TrainingOutcome:
     """Run (or resume) one training run and return its metrics."""
     trainer = build_trainer(cfg, callbacks=callbacks, model_builder=model_builder)
-    result = fit(trainer)
+    try:
+        result = fit(trainer)
+    except ray.train.TrainingFailedError as exc:
+        lost = lost_workers_error(exc, cfg.ray.run_name, completed_epochs(run_dir_of(cfg)), cfg.train.epochs,
+                                  cfg.ray.max_failures)
+        if lost is None:
+            raise
+        raise lost from exc
     run_dir = run_dir_of(cfg)
     metrics = read_json(run_dir / METRICS_FILE) or {}
     prune_unregistered_checkpoints(result, cfg)
@@ -91,6 +105,8 @@ def build_trainer(
     model_builder: Callable | None = None,
 ) -> TorchTrainer:
     """Prepare the run folder and datasets and return the TorchTrainer (fit() not called)."""
+    require_durable("data.dataset_dir", cfg.data.dataset_dir)  # inside a Ray job: not in its temporary copy
+    require_durable("ray.storage_path", cfg.ray.storage_path)
     dataset_dir = _dataset_dir(cfg)
     data_hash = manifest_hash(dataset_dir)
     manifest = load_manifest(dataset_dir)
@@ -138,7 +154,8 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        # rank 0's rendezvous store listens on the master address only, not on every interface
+        torch_config=BoundStoreTorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
         ),
@@ -146,7 +163,8 @@ def build_trainer(
             name=cfg.ray.run_name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures,
+                                                   controller_failure_limit=WORKER_GROUP_START_ATTEMPTS),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="checkpoint_score",
@@ -186,8 +204,9 @@ def check_resume_allowed(run_dir: "Path | UriPath", cfg: ExperimentConfig, data_
 
 
 def ensure_ray(cfg: ExperimentConfig) -> None:
-    """Join ray.address, or start a local Ray sized by ray.num_cpus (all CPUs by default), with
-    its dashboard on 127.0.0.1.
+    """Join ray.address (or RAY_ADDRESS, set inside a Ray job), or start a local Ray sized by
+    ray.num_cpus (all CPUs by default): on 127.0.0.1 only, with token authentication, its
+    dashboard, and ended with this process (train/local_ray.py).
 
     The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner asks whether a
     run's controller is still alive: when a controller dies without removing its workers'
@@ -197,64 +216,9 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
         return
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         # an existing cluster brings its own CPU count; num_cpus may not be passed then
-        ray.init(address=cfg.ray.address or None, log_to_driver=True)
+        join_ray(cfg.ray.address)
         return
-    num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-    for attempt in range(DASHBOARD_PORT_ATTEMPTS):
-        port = _free_local_port()
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=port,
-                     log_to_driver=True, runtime_env={"env_vars": state_api_env(port)})
-            return
-        except ValueError as exc:
-            # another process took the port between the probe and the dashboard's bind
-            if "already occupied" not in str(exc) or attempt == DASHBOARD_PORT_ATTEMPTS - 1:
-                raise
-            ray.shutdown()
-
-
-def state_api_env(dashboard_port: int) -> dict[str, str]:
-    """Environment of every process of a local cluster: where its State API is.
-
-    Workaround for Ray 2.60: a State API client without an address (the PlacementGroupCleaner's)
-    looks for the cluster on the machine, and in a worker process, where RAY_ADDRESS is unset,
-    it raises ConnectionError("Found multiple active Ray instances") as soon as a second local
-    Ray instance runs on the machine (another `fvae-dist` command, a test). The cleaner catches
-    only RayStateApiException, so its monitor thread dies and the placement group stays
-    (ray-project/ray PR #54468 describes the same failure to resolve the address; Ray 2.60's
-    dashboard/utils.py:ray_address_to_api_server_url does not default to the connected cluster).
-    tests/train/test_ray_cluster.py pins the behaviour: drop this when that test says Ray
-    resolves the address itself."""
-    return {"RAY_API_SERVER_ADDRESS": f"http://{DASHBOARD_HOST}:{dashboard_port}", **LOCAL_QUIET_ENV}
-
-
-# What a local cluster's processes need not say: Ray Train's preemption watcher (it reacts to a
-# node being drained, e.g. a spot instance reclaimed, which a cluster on one machine never is; its
-# actor start logs an "E" line about object store arguments), and Ray's own deprecation warnings
-# about its internal calls (e.g. Ray Data's DatasetManager), which a user cannot act on.
-LOCAL_QUIET_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-
-
-DASHBOARD_PORT_ATTEMPTS = 5
-# Where the dashboard's port is drawn from: above Ray's worker ports (10002-19999 by default) and
-# below Linux's ephemeral range (32768 and up), from which every other process of the cluster
-# takes its ports while it starts. A port the kernel handed out (bind to port 0) could be handed
-# out again to one of them before the dashboard binds it.
-DASHBOARD_PORT_RANGE = (20000, 32000)
-
-
-def _free_local_port() -> int:
-    # The dashboard's port is fixed before ray.init so that state_api_env can name it; Ray would
-    # otherwise pick one (8265 or the next free one) only while it starts.
-    rng = random.Random()
-    while True:
-        port = rng.randrange(*DASHBOARD_PORT_RANGE)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((DASHBOARD_HOST, port))
-            except OSError:
-                continue
-            return port
+    start_local_ray(cfg.ray.num_cpus or os.cpu_count() or 1)
 
 
 def check_cluster_fits(cfg: ExperimentConfig) -> None:

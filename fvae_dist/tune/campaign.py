@@ -33,6 +33,7 @@ import yaml
 
 from fvae_dist.config import ExperimentConfig, config_from_dict, config_to_dict, write_text_atomic
 from fvae_dist.errors import ConfigError
+from fvae_dist.job_paths import require_durable
 from fvae_dist.train.cluster_fit import RunShape, check_fits
 from fvae_dist.tune.results import TRIAL_DIR_PREFIX, TrialRow, best_row, trial_config, write_results
 from fvae_dist.tune.run import Experiment, TrialPlan, experiment_dir, run_experiment
@@ -109,6 +110,7 @@ def run_campaign(spec: CampaignSpec, *, retry_errored: bool = False) -> Campaign
     """Start the campaign, or continue it when its experiment folder holds one (same spec only)."""
     from fvae_dist.data.shards import load_manifest
 
+    require_durable("data.dataset_dir", spec.base.data.dataset_dir)  # inside a Ray job: not in its temporary copy
     _check_data(spec, load_manifest(spec.base.data.dataset_dir))
     folder = experiment_dir(spec.tune.storage_path, spec.tune.name)
     resuming = ray.tune.Tuner.can_restore(str(folder))

@@ -31,6 +31,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from fvae_dist.config import ExperimentConfig
+from fvae_dist.job_paths import require_durable
 from fvae_dist.storage import UriPath, location, arrow_path
 from fvae_dist.train.cluster_fit import RunShape, check_fits, cluster_nodes
 from fvae_dist.tune.spec import EPOCHS_DONE
@@ -168,6 +169,7 @@ def run_experiment(experiment: Experiment) -> ExperimentRun:
     from fvae_dist.train.trainer import ensure_ray
 
     folder = experiment_dir(experiment.storage_path, experiment.name)
+    require_durable("experiment folder", folder)  # inside a Ray job: not in its temporary copy
     path, filesystem = arrow_path(folder)
     resumed = experiment.restore and ray.tune.Tuner.can_restore(path, storage_filesystem=filesystem)
     ensure_ray(experiment.cluster)

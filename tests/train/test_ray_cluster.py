@@ -4,7 +4,7 @@ so that Ray's State API answers, and with that API's address in every process's 
 The second test pins the Ray 2.60 behaviour that the address works around: in a worker process,
 a State API client without an address (as Ray Train's PlacementGroupCleaner makes it) cannot
 tell its own cluster from another local one and raises ConnectionError. When that assertion
-fails, Ray resolves the address itself and train.trainer.state_api_env can go."""
+fails, Ray resolves the address itself and train.local_ray.state_api_env can go."""
 from __future__ import annotations
 
 import json
