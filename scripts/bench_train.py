@@ -7,8 +7,8 @@
 step       FactorVAE's training step in one process, one thread, fp32, on real days of each data set
            (and on its largest day): ms per step (median of interleaved rounds) and the thread's CPU
            time, with the CPU fast paths off and with the GRU path on (train.cpu_kernels)
-allocator  the same step in a thread of a fresh process (where Ray Train runs it), 4 days a step,
-           with and without the allocator path: page faults, ms and the thread's CPU ms per step
+allocator  the same step in a thread of a fresh process (where Ray Train runs it), 1 and 4 days a
+           step, with and without the allocator path: page faults, ms and the thread's CPU ms per step
 epoch      `fvae-dist train` for one epoch (a fresh local cluster each, as a user runs it) with 1 and
            2 workers, fp32 and bf16, fast paths on (auto) and, fp32, off (and, 2 workers, the GRU path
            alone, which isolates the allocator path's share): wall time end to end, the
@@ -127,19 +127,22 @@ setting = sys.argv[3]
 torch.set_num_threads(1)
 accel.prepare_worker_process(setting)
 days = sample_days(__import__("pathlib").Path(sys.argv[2]), 8)[:8]
-batches = [{k: torch.from_numpy(v) for k, v in collate_days(days[i:i + 4]).items()} for i in (0, 4)]
 model = FactorVAE(FactorVAEConfig(num_features=days[0].x.shape[-1], gamma=0.01)).train()
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 result = {}
 def steps():
     def step(b):
         optimizer.zero_grad(set_to_none=True); model(b["x"], b["mask"], b["y"])["loss"].backward(); optimizer.step()
-    for b in batches * 2: step(b)
-    faults, wall, cpu = minor_faults_this_thread(), time.perf_counter(), time.thread_time()
-    for b in batches * 4: step(b)
-    result["faults_per_step"] = (minor_faults_this_thread() - faults) / 8
-    result["ms_per_step"] = (time.perf_counter() - wall) * 1e3 / 8
-    result["cpu_ms_per_step"] = (time.thread_time() - cpu) * 1e3 / 8  # the thread's own CPU time
+    for per_step in (1, 4):  # the presets' one day a step, and several
+        batches = [{k: torch.from_numpy(v) for k, v in collate_days(days[i:i + per_step]).items()}
+                   for i in range(0, 8, per_step)]
+        rounds = batches * (8 // len(batches))  # 8 steps
+        for b in rounds: step(b)
+        faults, wall, cpu = minor_faults_this_thread(), time.perf_counter(), time.thread_time()
+        for b in rounds: step(b)
+        result[per_step] = {"faults_per_step": (minor_faults_this_thread() - faults) / 8,
+                            "ms_per_step": (time.perf_counter() - wall) * 1e3 / 8,
+                            "cpu_ms_per_step": (time.thread_time() - cpu) * 1e3 / 8}  # the thread's own CPU
 thread = threading.Thread(target=steps); thread.start(); thread.join()
 print(json.dumps(result))
 """
@@ -154,12 +157,12 @@ def bench_allocator(dataset: Path, quick: bool) -> list[dict]:
         env.update(accel.worker_env_vars(setting))
         done = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, str(REPO), str(dataset), setting], env=env,
                               capture_output=True, text=True, timeout=1800, check=True)
-        row = {"dataset": str(dataset), "setting": setting, "attempt": attempt,
-               **json.loads(done.stdout.strip().splitlines()[-1])}
-        rows.append(row)
-        print(f"allocator {dataset.name} {setting}: {row['ms_per_step']:.0f} ms (CPU {row['cpu_ms_per_step']:.0f} ms), "
-              f"{row['faults_per_step']:.0f} faults a step",
-              flush=True)
+        for per_step, measured in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            row = {"dataset": str(dataset), "setting": setting, "attempt": attempt, "days_per_step": int(per_step),
+                   **measured}
+            rows.append(row)
+            print(f"allocator {dataset.name} {setting} {per_step} day(s) a step: {row['ms_per_step']:.0f} ms "
+                  f"(CPU {row['cpu_ms_per_step']:.0f} ms), {row['faults_per_step']:.0f} faults a step", flush=True)
     return rows
 
 
