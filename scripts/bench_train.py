@@ -200,7 +200,8 @@ class RunStats:
     load stretches the wall time of a run, much less the CPU time its own processes need.
     A local cluster's processes are descendants of the driver, so the other Ray clusters on a
     shared machine do not count. Roles are the process titles Ray gives its workers:
-    RayTrainWorker (a training rank), BatchFeeder (the rank's input actor), and the rest."""
+    RayTrainWorker (a training rank), BatchFeeder (the rank's input actor), and the rest; and
+    "driver", the fvae-dist command itself."""
 
     TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -230,9 +231,12 @@ class RunStats:
                     stat = Path(f"/proc/{child.pid}/stat").read_text()
                 except (psutil.Error, OSError):
                     continue
-                if not title.startswith("ray::"):
+                if "fvae_dist.cli" in title:
+                    role = "driver"  # the fvae-dist command itself
+                elif title.startswith("ray::"):
+                    role = title.split()[0].removeprefix("ray::").split(".")[0]
+                else:
                     continue
-                role = title.split()[0].removeprefix("ray::").split(".")[0]
                 hwm = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
                 fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
                 cpu = (int(fields[11]) + int(fields[12])) / self.TICKS  # utime, stime
@@ -304,7 +308,9 @@ def bench_epoch(dataset: Path, quick: bool, storage: Path, record, only: str | N
             # of their input actors
             "worker_cpu_s": stats["cpu_s"].get("RayTrainWorker"), "feeder_cpu_s": stats["cpu_s"].get("BatchFeeder"),
             "ray_processes_cpu_s": stats["cpu_s"],
-            "driver_peak_rss_mb": int(text.strip().splitlines()[-1]) / 1024,
+            "driver_peak_rss_mb": max(stats["peak_rss_mb"].get("driver", []), default=None),
+            # /usr/bin/time's figure: the largest of the driver and the descendants it reaped
+            "tree_max_rss_mb": int(text.strip().splitlines()[-1]) / 1024,
             "valid_rank_ic": history["valid_rank_ic"]})
         rows.append(row)
         record(rows)
@@ -328,7 +334,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {Path(r['dataset']).name} | {r['workers']} | {r['precision']} | {r['cpu_kernels']} | "
                          f"{r['wall_s']:.0f} s | {r['epoch_s']:.0f} s | {r['stock_days_per_s']:,.0f} | {r['per_core']:,.0f} | "
                          f"{100 * r['data_wait']:.1f}% | {worker_rss:.0f} MB | "
-                         f"{r['driver_peak_rss_mb']:.0f} MB |")
+                         f"{r['driver_peak_rss_mb'] or float('nan'):.0f} MB |")
     return "\n".join(lines)
 
 
