@@ -7,8 +7,8 @@
 step       FactorVAE's training step in one process, one thread, fp32, on real days of each data set
            (and on its largest day): ms per step (median of interleaved rounds) and the thread's CPU
            time, with the CPU fast paths off and with the GRU path on (train.cpu_kernels)
-allocator  the same step in a thread of a fresh process (where Ray Train runs it), 4 days a step,
-           with and without the allocator path: page faults, ms and the thread's CPU ms per step
+allocator  the same step in a thread of a fresh process (where Ray Train runs it), 1 and 4 days a
+           step, with and without the allocator path: page faults, ms and the thread's CPU ms per step
 epoch      `fvae-dist train` for one epoch (a fresh local cluster each, as a user runs it) with 1 and
            2 workers, fp32 and bf16, fast paths on (auto) and, fp32, off (and, 2 workers, the GRU path
            alone, which isolates the allocator path's share): wall time end to end, the
@@ -127,19 +127,22 @@ setting = sys.argv[3]
 torch.set_num_threads(1)
 accel.prepare_worker_process(setting)
 days = sample_days(__import__("pathlib").Path(sys.argv[2]), 8)[:8]
-batches = [{k: torch.from_numpy(v) for k, v in collate_days(days[i:i + 4]).items()} for i in (0, 4)]
 model = FactorVAE(FactorVAEConfig(num_features=days[0].x.shape[-1], gamma=0.01)).train()
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 result = {}
 def steps():
     def step(b):
         optimizer.zero_grad(set_to_none=True); model(b["x"], b["mask"], b["y"])["loss"].backward(); optimizer.step()
-    for b in batches * 2: step(b)
-    faults, wall, cpu = minor_faults_this_thread(), time.perf_counter(), time.thread_time()
-    for b in batches * 4: step(b)
-    result["faults_per_step"] = (minor_faults_this_thread() - faults) / 8
-    result["ms_per_step"] = (time.perf_counter() - wall) * 1e3 / 8
-    result["cpu_ms_per_step"] = (time.thread_time() - cpu) * 1e3 / 8  # the thread's own CPU time
+    for per_step in (1, 4):  # the presets' one day a step, and several
+        batches = [{k: torch.from_numpy(v) for k, v in collate_days(days[i:i + per_step]).items()}
+                   for i in range(0, 8, per_step)]
+        rounds = batches * (8 // len(batches))  # 8 steps
+        for b in rounds: step(b)
+        faults, wall, cpu = minor_faults_this_thread(), time.perf_counter(), time.thread_time()
+        for b in rounds: step(b)
+        result[per_step] = {"faults_per_step": (minor_faults_this_thread() - faults) / 8,
+                            "ms_per_step": (time.perf_counter() - wall) * 1e3 / 8,
+                            "cpu_ms_per_step": (time.thread_time() - cpu) * 1e3 / 8}  # the thread's own CPU
 thread = threading.Thread(target=steps); thread.start(); thread.join()
 print(json.dumps(result))
 """
@@ -154,12 +157,12 @@ def bench_allocator(dataset: Path, quick: bool) -> list[dict]:
         env.update(accel.worker_env_vars(setting))
         done = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, str(REPO), str(dataset), setting], env=env,
                               capture_output=True, text=True, timeout=1800, check=True)
-        row = {"dataset": str(dataset), "setting": setting, "attempt": attempt,
-               **json.loads(done.stdout.strip().splitlines()[-1])}
-        rows.append(row)
-        print(f"allocator {dataset.name} {setting}: {row['ms_per_step']:.0f} ms (CPU {row['cpu_ms_per_step']:.0f} ms), "
-              f"{row['faults_per_step']:.0f} faults a step",
-              flush=True)
+        for per_step, measured in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            row = {"dataset": str(dataset), "setting": setting, "attempt": attempt, "days_per_step": int(per_step),
+                   **measured}
+            rows.append(row)
+            print(f"allocator {dataset.name} {setting} {per_step} day(s) a step: {row['ms_per_step']:.0f} ms "
+                  f"(CPU {row['cpu_ms_per_step']:.0f} ms), {row['faults_per_step']:.0f} faults a step", flush=True)
     return rows
 
 
@@ -197,7 +200,8 @@ class RunStats:
     load stretches the wall time of a run, much less the CPU time its own processes need.
     A local cluster's processes are descendants of the driver, so the other Ray clusters on a
     shared machine do not count. Roles are the process titles Ray gives its workers:
-    RayTrainWorker (a training rank), BatchFeeder (the rank's input actor), and the rest."""
+    RayTrainWorker (a training rank), BatchFeeder (the rank's input actor), and the rest; and
+    "driver", the fvae-dist command itself."""
 
     TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -227,9 +231,12 @@ class RunStats:
                     stat = Path(f"/proc/{child.pid}/stat").read_text()
                 except (psutil.Error, OSError):
                     continue
-                if not title.startswith("ray::"):
+                if "fvae_dist.cli" in title:
+                    role = "driver"  # the fvae-dist command itself
+                elif title.startswith("ray::"):
+                    role = title.split()[0].removeprefix("ray::").split(".")[0]
+                else:
                     continue
-                role = title.split()[0].removeprefix("ray::").split(".")[0]
                 hwm = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
                 fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
                 cpu = (int(fields[11]) + int(fields[12])) / self.TICKS  # utime, stime
@@ -301,7 +308,9 @@ def bench_epoch(dataset: Path, quick: bool, storage: Path, record, only: str | N
             # of their input actors
             "worker_cpu_s": stats["cpu_s"].get("RayTrainWorker"), "feeder_cpu_s": stats["cpu_s"].get("BatchFeeder"),
             "ray_processes_cpu_s": stats["cpu_s"],
-            "driver_peak_rss_mb": int(text.strip().splitlines()[-1]) / 1024,
+            "driver_peak_rss_mb": max(stats["peak_rss_mb"].get("driver", []), default=None),
+            # /usr/bin/time's figure: the largest of the driver and the descendants it reaped
+            "tree_max_rss_mb": int(text.strip().splitlines()[-1]) / 1024,
             "valid_rank_ic": history["valid_rank_ic"]})
         rows.append(row)
         record(rows)
@@ -325,7 +334,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {Path(r['dataset']).name} | {r['workers']} | {r['precision']} | {r['cpu_kernels']} | "
                          f"{r['wall_s']:.0f} s | {r['epoch_s']:.0f} s | {r['stock_days_per_s']:,.0f} | {r['per_core']:,.0f} | "
                          f"{100 * r['data_wait']:.1f}% | {worker_rss:.0f} MB | "
-                         f"{r['driver_peak_rss_mb']:.0f} MB |")
+                         f"{r['driver_peak_rss_mb'] or float('nan'):.0f} MB |")
     return "\n".join(lines)
 
 
