@@ -1,5 +1,6 @@
-"""Two Ray nodes on this machine (tests/cluster/ray_start.py): the head and a second node with a
-resource of its own, 3 CPUs each. A 2-worker training with 2 CPUs per worker cannot put both
+"""Two Ray nodes on this machine (tests/cluster/ray_start.py) that share nothing but a bucket (a
+real S3-protocol server on loopback, tests/s3_server.py, holding the data set and the run folder):
+the head and a second node with a resource of its own, 3 CPUs each. A 2-worker training with 2 CPUs per worker cannot put both
 workers on one node (train/cluster_fit.py places it so: each node keeps 1 CPU for Ray Data), so
 one worker runs on each node; where each ran is read from Ray's State API. The second node is
 then killed mid-run (its raylet, SIGKILL): the run ends with one clear line that says what to
@@ -14,8 +15,11 @@ import time
 
 import pytest
 
+from fvae_dist.data.prepare import upload_dataset
+from fvae_dist.storage import UriPath
 from fvae_dist.train.trainer import completed_epochs
 from tests.cluster.ray_start import FVAE_DIST, kill, ray_cluster
+from tests.s3_server import s3_server
 from tests.toy_dataset import tiny_overrides
 
 EPOCHS = 4  # tiny epochs: the second node dies right after the first, while some are left
@@ -24,15 +28,23 @@ NODE2 = {"node2": 1}
 
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
-def test_two_workers_on_two_nodes_and_the_second_node_killed_mid_run(tmp_path, toy_dir):
-    storage = tmp_path / "runs"
-    run_dir = storage / "two"
+def test_two_workers_on_two_nodes_and_the_second_node_killed_mid_run(tmp_path, toy_dir, monkeypatch):
+    with s3_server() as s3:
+        for key, value in s3.env.items():  # the nodes' processes, the driver and this test read the bucket
+            monkeypatch.setenv(key, value)
+        storage = s3.make_bucket("fvae") + "/runs"
+        run_dir = UriPath.parse(f"{storage}/two")
+        upload_dataset(toy_dir, UriPath.parse("s3://fvae/data/toy"))
+        _train_on_two_nodes(tmp_path, "s3://fvae/data/toy", storage, run_dir)
+
+
+def _train_on_two_nodes(tmp_path, dataset, storage, run_dir):
     with ray_cluster(tmp_path) as cluster:
         cluster.start_head(num_cpus=3)
         cluster.add_node(num_cpus=3, resources=NODE2)
         command = [str(FVAE_DIST), "train", f"ray.address={cluster.address}", "ray.num_workers=2",
                    "ray.cpus_per_worker=2", "ray.max_failures=0",
-                   *tiny_overrides(toy_dir, storage, "two", f"train.epochs={EPOCHS}", "train.cpu_kernels=off")]
+                   *tiny_overrides(dataset, storage, "two", f"train.epochs={EPOCHS}", "train.cpu_kernels=off")]
 
         started = time.monotonic()
         with open(tmp_path / "first.log", "wb") as out:
