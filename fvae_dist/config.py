@@ -366,9 +366,9 @@ def write_text_atomic(path, text: str) -> None:
 
 def json_safe(value: Any) -> Any:
     """`value` as strict JSON accepts it: NaN and infinities become null, numpy scalars Python
-    numbers, tuples lists."""
+    numbers, tuples lists, keys strings."""
     if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar

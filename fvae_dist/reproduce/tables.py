@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, replace
 import json
-import math
 import subprocess
 import sys
 from importlib import metadata
@@ -32,7 +31,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from fvae_dist.config import write_text_atomic
+from fvae_dist.config import json_safe, write_text_atomic
 from fvae_dist.storage import location
 from fvae_dist.data.bars import read_membership
 from fvae_dist.evaluate.backtest import BacktestConfig, load_bars, load_benchmark, run_backtest
@@ -117,20 +116,8 @@ def evaluate_run(run_dir: Path, market: Market) -> dict:
         if cached.get("key") == key:
             return cached["result"]
     result = evaluate_predictions(read_predictions(valid_path), read_predictions(test_path), market)
-    write_text_atomic(cache, json.dumps(_json_ready({"key": key, "result": result})))
+    write_text_atomic(cache, json.dumps(json_safe({"key": key, "result": result})))
     return result
-
-
-def _json_ready(value):
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
