@@ -5,6 +5,8 @@
 Per finished run (its predictions/valid.parquet and test.parquet), evaluate_run computes once and
 caches in <run>/evaluation.json (keyed by the predictions' digests and the backtest settings):
   - Rank IC / ICIR on the whole test span (all A-shares), and on each day's index members;
+    the same two on the validation span (for choices between presets, e.g. which universe to
+    train on for an index user);
   - TopK-Drop on the members, benchmark the index, with costs, suspensions and price limits;
   - for models with a risk estimate: TDrisk's eta chosen on the VALIDATION predictions
     (evaluate/risk_aversion.py), then TDrisk on the test span with that eta.
@@ -14,7 +16,8 @@ model's seeds' predictions the same way. Written, each atomically:
   table2.md/.csv   robustness (from the robustness job's results), when it ran
   table3.md/.csv   AR, SR (information ratio), MDD of the excess return after costs
   figure6.png      cumulative excess return after costs (mean over seeds) against the index
-  validation.md    what was tried on the validation span: every selection candidate, each run's eta
+  validation.md    what was tried on the validation span: every selection candidate, each run's
+                   validation Rank IC (all stocks, index members), each run's eta
   reproduce.json   the command, package versions, commit, each run's config hash
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ from fvae_dist.evaluate.risk_aversion import choose_eta
 from fvae_dist.evaluate.universe import restrict_to_members
 
 EVALUATION_FILE = "evaluation.json"
+EVALUATION_SCHEMA = 2  # raised when evaluate_predictions gains a field: older caches are recomputed
 PACKAGES = ("torch", "ray", "pyarrow", "pandas", "numpy", "optuna", "deepspeed")
 
 
@@ -77,15 +81,19 @@ def backtest_config(spec) -> BacktestConfig:
 def evaluate_predictions(valid: pd.DataFrame, test: pd.DataFrame, market: Market) -> dict:
     """Signal and portfolio metrics of one set of predictions (a run, or a seed ensemble)."""
     spec = market.spec
+    valid_members = restrict_to_members(valid, market.membership)
     result = {"all": summarize_ic(daily_ic(test)),
-              "members": summarize_ic(daily_ic(restrict_to_members(test, market.membership)))}
+              "members": summarize_ic(daily_ic(restrict_to_members(test, market.membership))),
+              # the validation span scored the same two ways: what a choice between presets (all-A
+              # training against index-only training, for an index user) may look at
+              "valid": {"all": summarize_ic(daily_ic(valid)), "members": summarize_ic(daily_ic(valid_members))}}
     config = backtest_config(spec)
     test_members = restrict_to_members(test, market.membership)
     topk = run_backtest(test_members, market.bars(), market.benchmark(), config, spec.backtest.benchmark_code)
     result["topk_drop"] = _portfolio(topk)
     has_risk = all("sigma" in frame.columns and bool(np.isfinite(frame["sigma"]).all()) for frame in (valid, test))
     if has_risk:  # FactorVAE and its variants; the point-forecast baselines' sigma is NaN
-        choice = choose_eta(restrict_to_members(valid, market.membership), market.bars(), market.benchmark(),
+        choice = choose_eta(valid_members, market.bars(), market.benchmark(),
                             spec.backtest.etas, config, spec.backtest.benchmark_code)
         tdrisk = run_backtest(test_members, market.bars(), market.benchmark(),
                               replace(config, strategy="tdrisk", eta=choice.eta),
@@ -108,7 +116,8 @@ def evaluate_run(run_dir: Path, market: Market) -> dict:
     """evaluate_predictions for a finished run, cached in <run>/evaluation.json."""
     run_dir = location(run_dir)  # a path or a storage URI
     valid_path, test_path = run_dir / "predictions" / "valid.parquet", run_dir / "predictions" / "test.parquet"
-    key = {"valid": _digest(valid_path), "test": _digest(test_path), "backtest": asdict(backtest_config(market.spec)),
+    key = {"schema": EVALUATION_SCHEMA, "valid": _digest(valid_path), "test": _digest(test_path),
+           "backtest": asdict(backtest_config(market.spec)),
            "etas": list(market.spec.backtest.etas), "membership": _digest(market.spec.membership)}
     cache = run_dir / EVALUATION_FILE
     if cache.is_file():
@@ -235,6 +244,14 @@ def validation_markdown(spec, outcome, entries) -> str:
             rows.append([_label(spec, key), name, "n/a" if score is None else f"{score:.4f}",
                          "chosen" if progress.choice is not None and name == _chosen_name(key, progress.choice) else ""])
     lines += [markdown_table(["Method", "candidate", "valid Rank IC", ""], rows), ""]
+    scored = [[entry["label"], entry["runs"][k] if len(entry["evaluations"]) > 1 else ", ".join(entry["runs"]),
+               *(_ic_cell(value, scope) for scope in ("all", "members"))]
+              for entry in entries for k, value in enumerate(_values(entry, "valid")) if value]
+    if scored:
+        lines += [("Each run's validation predictions (its best epoch), scored on the whole universe and on "
+                   "each day's index members: Rank IC / Rank ICIR. This, not the test span, is what compares "
+                   "training universes for an index user."), "",
+                  markdown_table(["Method", "run", "valid, all stocks", "valid, index members"], scored), ""]
     eta_rows = []
     for entry in entries:
         for k, value in enumerate(_values(entry, "tdrisk")):
@@ -244,6 +261,11 @@ def validation_markdown(spec, outcome, entries) -> str:
         lines += ["TDrisk's eta per run, chosen by the validation information ratio after costs:", "",
                   markdown_table(["Method", "run", "eta", "valid IR"], eta_rows), ""]
     return "\n".join(lines)
+
+
+def _ic_cell(value: dict, scope: str) -> str:
+    scores = value.get(scope) or {}
+    return f"{scores.get('rank_ic', float('nan')):.4f} / {scores.get('rank_icir', float('nan')):.3f}"
 
 
 def _chosen_name(key: str, choice: dict) -> str:

@@ -97,7 +97,15 @@ def test_reproduce_chooses_on_validation_trains_seeds_and_writes_the_tables(mark
     provenance = json.loads(files["provenance"].read_text())
     assert set(provenance["config_sha256"]) == {"factorvae-seed0", "factorvae-seed1", "linear-seed0"}
     assert provenance["packages"]["torch"].startswith("2.")
-    assert "chosen" in files["validation"].read_text()
+    validation = files["validation"].read_text()
+    assert "chosen" in validation
+    # each run's validation predictions, scored on all stocks and on the index members
+    from fvae_dist.evaluate.metrics import daily_ic, read_predictions, summarize_ic
+    seed0 = summarize_ic(daily_ic(read_predictions(f"{factorvae.runs['factorvae-seed0']}/predictions/valid.parquet")))
+    row = next(line for line in validation.splitlines() if line.startswith("| FactorVAE | factorvae-seed0 |"))
+    assert f"{seed0['rank_ic']:.4f} / {seed0['rank_icir']:.3f}" in row
+    assert "| Linear | linear-seed0 |" in validation
+    assert "| FactorVAE (ensemble of 2 seeds) | factorvae-seed0, factorvae-seed1 |" in validation
 
     again = run_reproduction(spec, log=lambda line: None, tables=False)
     assert again.models["factorvae"].runs == factorvae.runs        # nothing retrained
