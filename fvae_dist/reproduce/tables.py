@@ -82,13 +82,13 @@ def evaluate_predictions(valid: pd.DataFrame, test: pd.DataFrame, market: Market
     """Signal and portfolio metrics of one set of predictions (a run, or a seed ensemble)."""
     spec = market.spec
     valid_members = restrict_to_members(valid, market.membership)
+    test_members = restrict_to_members(test, market.membership)
     result = {"all": summarize_ic(daily_ic(test)),
-              "members": summarize_ic(daily_ic(restrict_to_members(test, market.membership))),
+              "members": summarize_ic(daily_ic(test_members)),
               # the validation span scored the same two ways: what a choice between presets (all-A
               # training against index-only training, for an index user) may look at
               "valid": {"all": summarize_ic(daily_ic(valid)), "members": summarize_ic(daily_ic(valid_members))}}
     config = backtest_config(spec)
-    test_members = restrict_to_members(test, market.membership)
     topk = run_backtest(test_members, market.bars(), market.benchmark(), config, spec.backtest.benchmark_code)
     result["topk_drop"] = _portfolio(topk)
     has_risk = all("sigma" in frame.columns and bool(np.isfinite(frame["sigma"]).all()) for frame in (valid, test))
@@ -264,8 +264,8 @@ def validation_markdown(spec, outcome, entries) -> str:
 
 
 def _ic_cell(value: dict, scope: str) -> str:
-    scores = value.get(scope) or {}
-    return f"{scores.get('rank_ic', float('nan')):.4f} / {scores.get('rank_icir', float('nan')):.3f}"
+    scores = value[scope]  # summarize_ic's dict; the cache's schema number guarantees both scopes
+    return f"{scores['rank_ic']:.4f} / {scores['rank_icir']:.3f}"
 
 
 def _chosen_name(key: str, choice: dict) -> str:
