@@ -154,6 +154,19 @@ class TrainConfig:
     comma-separated subset such as "gru" or "allocator". They never change the function trained,
     only how fast a CPU computes it; GPU runs ignore them. Gains: docs/benchmarks.md."""
 
+    index_share: float = 0.0
+    """Beyond the paper: the share of each training day's loss (eq. 17's NLL; a baseline's MSE)
+    carried by that day's members of the index in train.index_membership, the rest by the other
+    stocks. 0 (the default) is the paper's objective: every stock weighs the same. 0.5 makes the
+    members (CSI300's ~300 of ~3,000 A-shares) weigh as much as all other stocks together, for a
+    user who trades the index but wants the model fitted on the whole market. The encoder, the
+    portfolios, the attention and validation are unchanged (train/loss_weights.py)."""
+
+    index_membership: str = ""
+    """CSV or Parquet of point-in-time index membership (instrument, start_date, end_date), read
+    on the driver; required when train.index_share > 0. A relative path is taken relative to the
+    working directory when the config is loaded."""
+
     audit_days: bool = False
     """Write <run>/audit/epoch-E-rank-R.json with the dates each worker trained on (a test and
     debugging aid: shows the workers' days are disjoint and their step counts equal)."""
@@ -178,6 +191,12 @@ class TrainConfig:
 
         object.__setattr__(self, "cpu_kernels", canonical(self.cpu_kernels))  # YAML's off is False
         enabled_paths(self.cpu_kernels)  # ConfigError naming train.cpu_kernels when unknown
+        require(_finite(self.index_share) and 0 <= self.index_share <= 1, "train.index_share", "a number in [0, 1]",
+                self.index_share)
+        require(self.index_share == 0 or bool(self.index_membership), "train.index_membership",
+                "a membership file (instrument, start_date, end_date) when train.index_share > 0", self.index_membership)
+        if self.index_membership:  # absolute now: Tune's trial actors run in folders of their own
+            object.__setattr__(self, "index_membership", str(Path(self.index_membership).expanduser().resolve()))
         require(self.torch_threads >= 0, "train.torch_threads", "an integer >= 0 (0 = from ray.cpus_per_worker)", self.torch_threads)
 
 

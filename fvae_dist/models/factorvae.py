@@ -138,10 +138,15 @@ def reparameterise(mu: Tensor, sigma: Tensor, sample: bool) -> Tensor:
     return mu + sigma * torch.randn_like(sigma)
 
 
-def masked_mean_over_stocks(values: Tensor, mask: Tensor) -> Tensor:
-    """(D, N) -> (D,): mean over each day's real stocks."""
-    total = torch.where(mask, values, torch.zeros_like(values)).sum(dim=1)
-    return total / mask.sum(dim=1).clamp_min(1).to(total.dtype)
+def masked_mean_over_stocks(values: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
+    """(D, N) -> (D,): mean over each day's real stocks; with `weight` (D, N), the weighted mean
+    sum_i w_i v_i / sum_i w_i over them (beyond the paper: train.index_share)."""
+    if weight is None:
+        total = torch.where(mask, values, torch.zeros_like(values)).sum(dim=1)
+        return total / mask.sum(dim=1).clamp_min(1).to(total.dtype)
+    weight = torch.where(mask, weight.to(values.dtype), torch.zeros_like(values))
+    total = (weight * torch.where(mask, values, torch.zeros_like(values))).sum(dim=1)
+    return total / weight.sum(dim=1).clamp_min(torch.finfo(values.dtype).tiny)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,12 +383,13 @@ class FactorPredictor(nn.Module):
 # Objective, eq. 17
 # ----------------------------------------------------------------------------------------------
 
-def gaussian_nll(y: Tensor, mu: Tensor, sigma: Tensor, mask: Tensor) -> Tensor:
-    """-(1/N) sum_i log N(y_i; mu_i, sigma_i^2) over each day's real stocks: (D, N) -> (D,)."""
+def gaussian_nll(y: Tensor, mu: Tensor, sigma: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
+    """-(1/N) sum_i log N(y_i; mu_i, sigma_i^2) over each day's real stocks: (D, N) -> (D,).
+    `weight` (beyond the paper, None in eq. 17): per-stock weights of that mean."""
     y, mu, sigma = y.float(), mu.float(), sigma.float()
     safe_sigma = torch.where(mask, sigma, torch.ones_like(sigma))     # padded slots hold sigma = 0
     nll = 0.5 * _LOG_2PI + safe_sigma.log() + 0.5 * ((y - mu) / safe_sigma).square()  # (D, N)
-    return masked_mean_over_stocks(nll, mask)                          # (D,)
+    return masked_mean_over_stocks(nll, mask, weight)                  # (D,)
 
 
 def gaussian_kl(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:
@@ -410,19 +416,22 @@ class FactorVAE(nn.Module):
         self.decoder = FactorDecoder(cfg)
         self.predictor = FactorPredictor(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, mask: Tensor, y: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
         """Training loss of eq. 17, averaged over the D days (each day weighs the same).
 
         Returns scalars "loss", "nll", "kl" and, detached for logging, "mu_prior",
         "sigma_prior" and (not for "prior") "mu_post", "sigma_post", each (D, K). Factors are
-        sampled in train mode and taken at their mean in eval mode."""
+        sampled in train mode and taken at their mean in eval mode.
+        `weight` (D, N), beyond the paper: per-stock weights of the NLL's mean over a day
+        (train.index_share); None is eq. 17. The encoder, portfolios and attention still see
+        every stock alike."""
         self._check_batch(x, mask, y)
         y = torch.where(mask, y, torch.zeros_like(y)).float()         # (D, N) padding may hold NaN
         e = self.feature_extractor(x, mask)                            # (D, N, H)  eq. 4
         with self.head_precision(e) as e:
-            return self._loss(e, mask, y)
+            return self._loss(e, mask, y, weight)
 
-    def _loss(self, e: Tensor, mask: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def _loss(self, e: Tensor, mask: Tensor, y: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
         """Eqs. 5-17 on the feature extractor's e."""
         mu_prior, sigma_prior = self.predictor(e, mask)                # (D, K)     eqs. 13-16
         out = {"mu_prior": mu_prior.detach(), "sigma_prior": sigma_prior.detach()}
@@ -431,13 +440,13 @@ class FactorVAE(nn.Module):
             # FactorVAE-prior: reconstruct y from the prior factors directly, no KL term.
             z_prior = reparameterise(mu_prior, sigma_prior, self.training)  # (D, K)
             mu_rec, sigma_rec = self.decoder(e, mask, z_prior, None)   # (D, N)
-            nll = gaussian_nll(y, mu_rec, sigma_rec, mask)             # (D,)
+            nll = gaussian_nll(y, mu_rec, sigma_rec, mask, weight)     # (D,)
             kl = torch.zeros_like(nll)
         else:
             mu_post, sigma_post = self.encoder(e, y, mask)             # (D, K)     eqs. 5-8
             z_post = reparameterise(mu_post, sigma_post, self.training)  # (D, K)   eq. 5
             mu_rec, sigma_rec = self.decoder(e, mask, z_post, None)    # (D, N)     y_rec = alpha + beta z_post
-            nll = gaussian_nll(y, mu_rec, sigma_rec, mask)             # (D,)       eq. 17, first term
+            nll = gaussian_nll(y, mu_rec, sigma_rec, mask, weight)     # (D,)       eq. 17, first term
             kl = gaussian_kl(mu_post, sigma_post, mu_prior, sigma_prior)  # (D,)    eq. 17, second term
             out["mu_post"], out["sigma_post"] = mu_post.detach(), sigma_post.detach()
 

@@ -1,7 +1,7 @@
 """One optimisation step, two ways: PyTorch DDP (default) or a DeepSpeed engine.
 
 Both expose the same small surface to the loop: `module` (the bare FactorVAE, for evaluation
-and checkpoints), `autocast()` (the forward-pass precision context), `train_step(x, mask, y)`,
+and checkpoints), `autocast()` (the forward-pass precision context), `train_step(x, mask, y, weight)`,
 `set_lr(lr)` and the optimizer state split into a part every rank shares (saved once, by rank 0)
 and a part that is the rank's own (ZeRO partitions).
 
@@ -38,6 +38,12 @@ def lr_factor(train, epoch: int) -> float:
     if train.lr_schedule == "step":
         return train.lr_step_gamma ** (after // train.lr_step_epochs)
     return 1.0
+
+
+def loss_inputs(x, mask, y, weight) -> tuple:
+    """The model's forward arguments: a loss weight only when there is one (train.index_share),
+    so models that take none (tests' own, any user's) train unchanged."""
+    return (x, mask, y) if weight is None else (x, mask, y, weight)
 
 
 def build_engine(model: nn.Module, cfg: ExperimentConfig, device: torch.device, world_size: int):
@@ -78,10 +84,11 @@ class DDPEngine:
             enabled=train.precision != "fp32",
         )
 
-    def train_step(self, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> dict:
+    def train_step(self, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            out = self.wrapped(x, mask, y)
+            out = self.wrapped(*loss_inputs(x, mask, y, weight))
         self.scaler.scale(out["loss"]).backward()
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -140,8 +147,9 @@ class DeepSpeedEngine:
         # DeepSpeed casts the weights itself in bf16/fp16 mode; no autocast on top.
         self.autocast = contextlib.nullcontext
 
-    def train_step(self, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> dict:
-        out = self.engine(x, mask, y)
+    def train_step(self, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> dict:
+        out = self.engine(*loss_inputs(x, mask, y, weight))
         self.engine.backward(out["loss"])
         self.engine.step()
         return out

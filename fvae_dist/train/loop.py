@@ -18,6 +18,8 @@ loop_config (plain data, built by train/trainer.py):
     eval_splits     names of the evaluation datasets passed to the trainer ("valid", "test")
     model_builder   optional callable(ModelConfig) -> nn.Module (tests); by default
                     models/registry.build_model builds the model that model.name names
+    index_membership  train.index_membership's table (read on the driver) when
+                    train.index_share > 0, else absent
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from fvae_dist.errors import ConfigError
 from fvae_dist.storage import download_dir, location, read_json
 from fvae_dist.train import checkpoint as ckpt
 from fvae_dist.train.engine import build_engine, deepspeed_safe_globals, lr_factor
+from fvae_dist.train.loss_weights import IndexMemberWeights
 from fvae_dist.train.tensorboard import RunEvents
 from fvae_dist.train.thread_stats import minor_faults_this_thread, peak_rss_mb, preemptions_this_thread
 from fvae_dist.train.validation import evaluate, to_device
@@ -91,6 +94,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = accel.prepare_model(builder(cfg.model), cfg.train.cpu_kernels, device.type)
     engine = build_engine(model, cfg, device, world)
     best_weights = None
+    # train.index_share: the loss leans towards an index's members (train/loss_weights.py)
+    membership = loop_config.get("index_membership")
+    loss_weights = IndexMemberWeights(membership, cfg.train.index_share) if membership is not None else None
 
     state = TrainState()
     with checkpoint_to_resume(run_dir, rank) as directory:
@@ -114,7 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lr = cfg.train.lr * lr_factor(cfg.train, epoch)
             engine.set_lr(lr)
             batches = upcoming or training_batches(feeder or train_shard, cfg, epoch)
-            train = train_one_epoch(engine, batches, cfg, device, world, run_dir, epoch, rank)
+            train = train_one_epoch(engine, batches, cfg, device, world, run_dir, epoch, rank, loss_weights)
             # The feeder reads the next epoch's first days while this one is validated (it would
             # idle otherwise); an epoch early stopping then cancels is drained below.
             upcoming = training_batches(feeder, cfg, epoch + 1) if feeder is not None and epoch + 1 < cfg.train.epochs else None
@@ -159,8 +165,10 @@ def training_batches(source, cfg: ExperimentConfig, epoch: int):
                             drop_last=True, background=True, shuffle_seed=shuffle_seed)
 
 
-def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, run_dir: Path, epoch: int, rank: int) -> dict:
+def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, run_dir: Path, epoch: int, rank: int,
+                    loss_weights: IndexMemberWeights | None = None) -> dict:
     """One pass over this worker's share of the training days; returns all-worker averages.
+    loss_weights: per-stock weights of each day's loss (train.index_share), or None.
 
     Every worker takes the same number of steps, as DDP's gradient all-reduce needs: see
     LockstepBatches."""
@@ -173,8 +181,9 @@ def train_one_epoch(engine, batches, cfg: ExperimentConfig, device, world: int, 
     fetching = LockstepBatches(batches, world, device)
     for batch in fetching:
         x, mask, y = to_device(batch, device)
+        weight = torch.from_numpy(loss_weights(batch)).to(device) if loss_weights is not None else None
         before = time.perf_counter()
-        out = engine.train_step(x, mask, y)
+        out = engine.train_step(x, mask, y, weight)
         stepping += time.perf_counter() - before
         sums += torch.stack([out["loss"].detach(), out["nll"].detach(), out["kl"].detach()]).double()
         steps += 1

@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer
 
 from fvae_dist import accel
 from fvae_dist.config import ExperimentConfig, config_to_dict, dump_config, with_data_features, write_text_atomic
+from fvae_dist.data.bars import read_membership
 from fvae_dist.data.shards import MANIFEST_NAME, check_shards_readable, load_manifest, manifest_hash
 from fvae_dist.data.stream import DaySplitConfig, day_blocks, epoch_seed, shuffled_each_epoch
 from fvae_dist.errors import ConfigError, DataError, user_error
@@ -111,6 +112,8 @@ def build_trainer(
     data_hash = manifest_hash(dataset_dir)
     manifest = load_manifest(dataset_dir)
     cfg = with_data_features(cfg, manifest, dataset_dir / MANIFEST_NAME)  # model.num_features: 0 -> C
+    # read here, so a bad file fails before anything is written, and workers need no access to it
+    membership = read_membership(cfg.train.index_membership) if cfg.train.index_share > 0 else None
     run_dir = run_dir_of(cfg)
     check_resume_allowed(run_dir, cfg, data_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +148,8 @@ def build_trainer(
         "eval_splits": eval_splits,
         "model_builder": model_builder,
     }
+    if membership is not None:
+        loop_config["index_membership"] = membership
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1

@@ -42,6 +42,9 @@ def test_overrides_reach_tune_settings_and_the_base_config(tmp_path, toy_dir):
     assert spec.base.train.epochs == 5 and spec.base.ray.cpus_per_worker == 0.25  # resources become ray.*
     assert spec.tune.resources.use_gpu is False
     assert Path(spec.base.data.dataset_dir).is_absolute()
+    # trial actors run in their own folders: a relative membership file is made absolute too
+    weighted = load_campaign(path, ["train.index_share=0.5", "train.index_membership=members.csv"])
+    assert weighted.base.train.index_membership == str(Path.cwd() / "members.csv")
 
 
 def test_booleans_follow_the_train_configs_rules(tmp_path, toy_dir):

@@ -80,14 +80,14 @@ class CABaseline(nn.Module):
         x_p = managed_portfolios(self.characteristics(x), y, mask, self.ridge)  # (D, C)
         return self.factor_net(x_p.to(input_dtype(self))).float()      # (D, K)
 
-    def forward(self, x: Tensor, mask: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, mask: Tensor, y: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
         check_batch(self.label, self.num_features, x, mask, y)
         beta = self.exposures(x, mask)                                 # (D, N, K)
         f = self.factors(x, mask, y)                                   # (D, K)
         if self.training:
             self._update_factor_mean(f.detach())
         pred = (beta * f[:, None, :]).sum(dim=-1)                      # (D, N)
-        return point_forecast_losses(pred, y, mask)
+        return point_forecast_losses(pred, y, mask, weight)
 
     def predict(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """mu = beta lambda (D, N), 0 at padding; sigma NaN (no risk estimate). Never reads y."""

@@ -2,7 +2,7 @@
 
 The baselines are point forecasts trained on the mean squared error of the CSRankNorm'd label,
 as in Qlib's benchmarks (loss: mse). They plug into FactorVAE's training path unchanged:
-    forward(x, mask, y) -> {"loss": MSE, "nll": MSE, "kl": 0}
+    forward(x, mask, y, weight=None) -> {"loss": MSE, "nll": MSE, "kl": 0}
         the loop logs "loss", "nll" and "kl" for every model; a point forecast has no
         likelihood and no KL, so its "nll" slot carries the MSE and "kl" is 0.
     predict(x, mask) -> (mu, sigma), (D, N)
@@ -10,7 +10,7 @@ as in Qlib's benchmarks (loss: mse). They plug into FactorVAE's training path un
         baseline has no risk estimate, and NaN (rather than 0 or a constant) makes every
         consumer that needs one (TDrisk, the calibration plot) notice instead of ranking on it.
 The loss is the mean over each day's real stocks, then over days, so each day weighs the same
-(the same weighting as FactorVAE's eq. 17).
+(the same weighting as FactorVAE's eq. 17; `weight`, per stock, as FactorVAE's: train.index_share).
 
 Per-stock models (linear, gru, alstm, trans, sfm) see only the real stocks, x[mask] (S, T, C),
 as FactorVAE's feature extractor does: padded slots cost nothing and whatever they hold never
@@ -31,17 +31,18 @@ def scatter_to_days(values: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
-def masked_mse(pred: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    """(D, N) -> (D,): mean squared error over each day's real stocks, in float32. Padded
-    labels may be NaN; they are replaced before the subtraction so no NaN reaches a gradient."""
+def masked_mse(pred: Tensor, y: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
+    """(D, N) -> (D,): mean squared error over each day's real stocks, in float32 (weighted by
+    `weight` (D, N) when given: train.index_share). Padded labels may be NaN; they are replaced
+    before the subtraction so no NaN reaches a gradient."""
     y = torch.where(mask, y.float(), 0.0)
     pred = torch.where(mask, pred.float(), 0.0)
-    return masked_mean_over_stocks((pred - y).square(), mask)
+    return masked_mean_over_stocks((pred - y).square(), mask, weight)
 
 
-def point_forecast_losses(pred: Tensor, y: Tensor, mask: Tensor) -> dict[str, Tensor]:
+def point_forecast_losses(pred: Tensor, y: Tensor, mask: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
     """The loop's three scalars for a point forecast: loss = nll = MSE, kl = 0."""
-    mse = masked_mse(pred, y, mask).mean()
+    mse = masked_mse(pred, y, mask, weight).mean()
     return {"loss": mse, "nll": mse, "kl": torch.zeros_like(mse)}
 
 
@@ -69,9 +70,9 @@ class PointForecastBaseline(nn.Module):
         """x (D, N, T, C), mask (D, N) -> (D, N) predicted label, 0 at padding."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, mask: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, mask: Tensor, y: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
         check_batch(self.label, self.num_features, x, mask, y)
-        return point_forecast_losses(self.scores(x, mask), y, mask)
+        return point_forecast_losses(self.scores(x, mask), y, mask, weight)
 
     def predict(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """mu (D, N), 0 at padding; sigma NaN (no risk estimate). Never reads y."""
