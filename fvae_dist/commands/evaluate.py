@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from fvae_dist.data.bars import read_membership
 from fvae_dist.errors import DataError
 from fvae_dist.evaluate.backtest import bars_window, load_bars
 from fvae_dist.evaluate.metrics import daily_ic, read_predictions, realised_label, require_columns, summarize_ic
+from fvae_dist.evaluate.universe import restrict_to_members
 
 
 def add_parser(subparsers) -> None:
@@ -26,6 +28,9 @@ def add_parser(subparsers) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--labels-from", metavar="DATASET_DIR", help="take the label from a prepared data set's shards")
     source.add_argument("--bars", help="compute the label from these bars (long table, adjusted close)")
+    parser.add_argument("--membership", metavar="PATH",
+                        help="score only each day's index members (point-in-time CSV/Parquet: instrument, "
+                        "start_date, end_date), e.g. an all-A model for a CSI300 user")
     parser.add_argument("--json", metavar="PATH", help="also write the summary and the daily table as JSON")
     parser.set_defaults(func=run)
 
@@ -73,9 +78,15 @@ def run(args) -> int:
     predictions = read_predictions(args.predictions)
     require_columns(predictions, [args.score_column], f"predictions {args.predictions}")
     frame = attach_label(predictions, args)
+    if args.membership:
+        frame = restrict_to_members(frame, read_membership(args.membership))
+        if frame.empty:
+            raise DataError(f"membership file {args.membership}: no prediction row is a member on its date "
+                            f"(predictions {args.predictions}); check that both cover the same stocks and days")
     daily = daily_ic(frame, score=args.score_column, label="label")
     summary = summarize_ic(daily)
-    print(f"predictions: {args.predictions} (score column {args.score_column!r})")
+    print(f"predictions: {args.predictions} (score column {args.score_column!r})"
+          + (f", index members of {args.membership} only: {len(frame):,} stock-days" if args.membership else ""))
     print(f"days: {summary['n_days']} used, {summary['n_skipped_days']} skipped (< 2 stocks or constant values)")
     for key, name in (("ic", "IC"), ("icir", "ICIR"), ("rank_ic", "Rank IC"), ("rank_icir", "Rank ICIR")):
         print(f"{name:>10}: {summary[key]:.4f}")

@@ -128,3 +128,39 @@ def test_evaluate_takes_labels_from_a_prepared_data_set(tmp_path, capsys, run_co
     assert run_command(evaluate_command, ["evaluate", "--predictions", str(path), "--labels-from", str(dataset)]) == 0
     printed = capsys.readouterr().out
     assert f"Rank IC: {expected['rank_ic']:.4f}" in printed and f"IC: {expected['ic']:.4f}" in printed
+
+
+def test_evaluate_scores_only_each_days_index_members(tmp_path, capsys, run_command):
+    """--membership: an all-A model scored for an index user. The members' rows score well and
+    the others are noise, so the two answers differ; point in time, a stock counts only on its
+    member days."""
+    dates = pd.bdate_range("2021-01-04", periods=8)
+    rng = np.random.default_rng(5)
+    rows = []
+    for day in dates:
+        for k in range(20):
+            label = rng.normal()
+            member = k < 10 or (k == 10 and day >= dates[4])  # SH600010 joins on the fifth day
+            rows.append({"date": day, "instrument": f"SH60{k:04d}", "label": label,
+                         "mu": label + rng.normal(0, 0.3) if member else rng.normal()})
+    predictions = pd.DataFrame(rows)
+    path = tmp_path / "p.parquet"
+    predictions.to_parquet(path)
+    membership = tmp_path / "members.csv"
+    pd.DataFrame({"instrument": [f"SH60{k:04d}" for k in range(11)] + ["SH999999"],
+                  "start_date": ["2020-01-01"] * 10 + [str(dates[4].date()), "2020-01-01"],
+                  "end_date": ["2030-12-31"] * 12}).to_csv(membership, index=False)
+
+    members = predictions[(predictions["instrument"] < "SH600010")
+                          | ((predictions["instrument"] == "SH600010") & (predictions["date"] >= dates[4]))]
+    expected = summarize_ic(daily_ic(members))
+    assert run_command(evaluate_command, ["evaluate", "--predictions", str(path), "--membership", str(membership)]) == 0
+    printed = capsys.readouterr().out
+    assert f"Rank IC: {expected['rank_ic']:.4f}" in printed and f"{len(members):,} stock-days" in printed
+    assert expected["rank_ic"] > summarize_ic(daily_ic(predictions))["rank_ic"] + 0.2
+
+    elsewhere = tmp_path / "elsewhere.csv"
+    pd.DataFrame({"instrument": ["SZ000001"], "start_date": ["2020-01-01"], "end_date": ["2030-12-31"]}).to_csv(
+        elsewhere, index=False)
+    with pytest.raises(DataError, match="elsewhere.csv: no prediction row is a member"):
+        run_command(evaluate_command, ["evaluate", "--predictions", str(path), "--membership", str(elsewhere)])
