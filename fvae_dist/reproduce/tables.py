@@ -244,8 +244,7 @@ def validation_markdown(spec, outcome, entries) -> str:
             rows.append([_label(spec, key), name, "n/a" if score is None else f"{score:.4f}",
                          "chosen" if progress.choice is not None and name == _chosen_name(key, progress.choice) else ""])
     lines += [markdown_table(["Method", "candidate", "valid Rank IC", ""], rows), ""]
-    scored = [[entry["label"], entry["runs"][k] if len(entry["evaluations"]) > 1 else ", ".join(entry["runs"]),
-               *(_ic_cell(value, scope) for scope in ("all", "members"))]
+    scored = [[entry["label"], _run_name(entry, k), *(_ic_cell(value, scope) for scope in ("all", "members"))]
               for entry in entries for k, value in enumerate(_values(entry, "valid")) if value]
     if scored:
         lines += [("Each run's validation predictions (its best epoch), scored on the whole universe and on "
@@ -256,11 +255,17 @@ def validation_markdown(spec, outcome, entries) -> str:
     for entry in entries:
         for k, value in enumerate(_values(entry, "tdrisk")):
             if value:
-                eta_rows.append([entry["label"], str(k), f"{value['eta']:g}", f"{value['valid_information_ratio']:.2f}"])
+                eta_rows.append([entry["label"], _run_name(entry, k), f"{value['eta']:g}",
+                                 f"{value['valid_information_ratio']:.2f}"])
     if eta_rows:
         lines += ["TDrisk's eta per run, chosen by the validation information ratio after costs:", "",
                   markdown_table(["Method", "run", "eta", "valid IR"], eta_rows), ""]
     return "\n".join(lines)
+
+
+def _run_name(entry: dict, k: int) -> str:
+    """The k-th evaluation's run: a seed's trial name, or every seed's for an ensemble row."""
+    return entry["runs"][k] if len(entry["evaluations"]) > 1 else ", ".join(entry["runs"])
 
 
 def _ic_cell(value: dict, scope: str) -> str:

@@ -106,6 +106,9 @@ def test_reproduce_chooses_on_validation_trains_seeds_and_writes_the_tables(mark
     assert f"{seed0['rank_ic']:.4f} / {seed0['rank_icir']:.3f}" in row
     assert "| Linear | linear-seed0 |" in validation
     assert "| FactorVAE (ensemble of 2 seeds) | factorvae-seed0, factorvae-seed1 |" in validation
+    # TDrisk's eta table names each run too (the Linear baseline has no risk estimate: no eta)
+    eta_table = validation.split("TDrisk's eta per run")[1]
+    assert "| FactorVAE | factorvae-seed1 |" in eta_table and "linear" not in eta_table
 
     again = run_reproduction(spec, log=lambda line: None, tables=False)
     assert again.models["factorvae"].runs == factorvae.runs        # nothing retrained
