@@ -39,6 +39,7 @@ from fvae_dist.data.processors import RobustZScore, apply_robust_zscore, cs_rank
 from fvae_dist.data.shards import FORMAT_VERSION, MANIFEST_NAME
 from fvae_dist.data.splits import Splits, resolve_splits
 from fvae_dist.errors import ConfigError, DataError
+from fvae_dist.evaluate.universe import member_mask
 from fvae_dist.storage import UriPath, location, upload_file
 
 # Every Alpha158 feature looks back at most 61 rows (CORD60, CNTP60, SUMP60, VSUMP60, WVMA60: a
@@ -335,7 +336,7 @@ def _universe_mask(frame: pd.DataFrame, bars: pd.DataFrame, splits: Splits, memb
     in_span = (dates >= splits.train[0]) & (dates <= splits.test[1])
     mask = has_close & in_span
     if membership is not None:
-        mask &= _is_member(frame["instrument"].to_numpy(dtype=str), dates, membership)
+        mask &= member_mask(frame["instrument"].to_numpy(dtype=str), dates, membership)
     return mask
 
 
@@ -356,17 +357,6 @@ def traded_whole_window(frame: pd.DataFrame, bars: pd.DataFrame, calendar: np.nd
     # traded days in [t - seq_len + 1, t] of the same stock, counted on the sorted traded keys
     count = np.searchsorted(traded_keys, row_keys, side="right") - np.searchsorted(traded_keys, row_keys - seq_len + 1)
     return count == seq_len
-
-
-def _is_member(instruments: np.ndarray, dates: np.ndarray, membership: pd.DataFrame) -> np.ndarray:
-    member = np.zeros(len(instruments), dtype=bool)
-    for code, spans in membership.groupby("instrument"):
-        rows = instruments == code
-        if not rows.any():
-            continue
-        for start, end in zip(spans["start_date"].to_numpy("datetime64[D]"), spans["end_date"].to_numpy("datetime64[D]")):
-            member[rows] |= (dates[rows] >= start) & (dates[rows] <= end)
-    return member
 
 
 def _purge_labels_across_splits(frame: pd.DataFrame, splits: Splits, calendar: np.ndarray) -> np.ndarray:

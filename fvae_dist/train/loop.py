@@ -19,7 +19,7 @@ loop_config (plain data, built by train/trainer.py):
     model_builder   optional callable(ModelConfig) -> nn.Module (tests); by default
                     models/registry.build_model builds the model that model.name names
     index_membership  train.index_membership's table (read on the driver) when
-                    train.index_share > 0, else absent
+                    train.index_share > 0, else None
 """
 from __future__ import annotations
 

@@ -27,8 +27,7 @@ class IndexMemberWeights:
     """Each training batch's weights from a point-in-time membership table."""
 
     def __init__(self, membership: pd.DataFrame, share: float):
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"train.index_share must lie in [0, 1], got {share}")
+        """share: train.index_share, in [0, 1] (TrainConfig checks it)."""
         self.share = float(share)
         self._instrument = membership["instrument"].astype(str).to_numpy()
         self._start = membership["start_date"].to_numpy("datetime64[D]")

@@ -147,9 +147,8 @@ def build_trainer(
         "run_dir": str(run_dir),
         "eval_splits": eval_splits,
         "model_builder": model_builder,
+        "index_membership": membership,
     }
-    if membership is not None:
-        loop_config["index_membership"] = membership
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
