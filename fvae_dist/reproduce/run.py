@@ -128,6 +128,8 @@ def run_reproduction(spec: ReproductionSpec, *, log: Callable[[str], None] = pri
         progress = choose(spec, key, selected)
         outcome.models[key] = progress
         _write_selection(spec, outcome)
+        if selected.interrupted:
+            return _interrupted(outcome, started, log)
         if progress.choice is None:
             log(f"reproduce: {key}: selection incomplete ({sum(v is None for v in progress.selection.values())} "
                 "candidate(s) without a result); its runs wait for the next invocation")
@@ -139,11 +141,21 @@ def run_reproduction(spec: ReproductionSpec, *, log: Callable[[str], None] = pri
         progress.pending = [name for name, trial in runs.trials.items() if trial.status != "ok"]
         if tables:
             outcome.files = write_tables(spec, outcome, log=log)
+        if runs.interrupted:
+            return _interrupted(outcome, started, log)
 
     if spec.robustness.models and spec.robustness.ms:
         outcome.robustness = _robustness(spec, outcome, model_builder, log)
         if tables:
             outcome.files = write_tables(spec, outcome, log=log)
+    outcome.wall_s = time.perf_counter() - started
+    return outcome
+
+
+def _interrupted(outcome: ReproductionOutcome, started: float, log) -> ReproductionOutcome:
+    """Ctrl+C stopped a grid: stop here rather than start the next model's grid (a second Ctrl+C
+    would be needed for each)."""
+    log("reproduce: interrupted; the same command continues from here")
     outcome.wall_s = time.perf_counter() - started
     return outcome
 

@@ -34,6 +34,8 @@ Running a grid again:
 - a trial whose config differs from the one it was started with (anything but ray.*, or a data
   set with another manifest) is refused before anything runs, naming the trial and the
   settings: use another grid name, or delete that trial's folder to redo it.
+Stopping a grid (Ctrl+C): Tune saves its state and returns; the outcome then says `interrupted`,
+and a caller with more to run after the grid stops there.
 """
 from __future__ import annotations
 
@@ -84,6 +86,12 @@ class GridOutcome:
     @property
     def pending(self) -> list[str]:
         return [name for name, trial in self.trials.items() if trial.status == "pending"]
+
+    @property
+    def interrupted(self) -> bool:
+        """A trial this call ran neither finished nor failed: Tune was stopped (Ctrl+C), and its
+        fit() returns rather than raises then."""
+        return any(self.trials[name].status == "pending" for name in self.ran)
 
 
 def run_grid(

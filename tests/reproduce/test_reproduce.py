@@ -56,6 +56,26 @@ def _spec_file(root, **changes):
     return path
 
 
+def test_an_interrupted_grid_stops_the_reproduction_there(market, monkeypatch, tmp_path):
+    """Ctrl+C ends Ray Tune's run of the grid at hand (fit() returns); the reproduction then stops
+    instead of starting the next model's grid, and the command says it is unfinished."""
+    import fvae_dist.reproduce.run as reproduce_run
+    from fvae_dist.tune.grid import GridOutcome, GridTrial
+
+    calls = []
+
+    def stopped_grid(name, storage_path, trials, **kwargs):
+        calls.append(name)
+        return GridOutcome(experiment_dir=tmp_path, trials={t: GridTrial(t, "pending", tmp_path / t) for t in trials},
+                           ran=list(trials), resumed=False, concurrency=1)
+
+    monkeypatch.setattr(reproduce_run, "run_grid", stopped_grid)
+    spec = load_reproduction(_spec_file(market, results_dir=str(tmp_path / "results")), [])
+    outcome = run_reproduction(spec, log=lambda _: None)
+    assert calls == ["paper-factorvae-select"]
+    assert list(outcome.models) == ["factorvae"] and outcome.models["factorvae"].choice is None
+
+
 def test_a_bad_file_is_refused_before_anything_runs(market):
     with pytest.raises(ConfigError, match="models.lstm: unknown model"):
         load_reproduction(_spec_file(market, models={"lstm": {"seeds": 1}}))

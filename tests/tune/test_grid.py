@@ -64,3 +64,21 @@ def test_a_setting_added_later_at_its_default_changes_nothing(tmp_path, toy_dir)
     assert run_grid("grid", tmp_path, {"a-seed0": cfg}).trials["a-seed0"].status == "ok"
     with pytest.raises(ConfigError, match="train.cpu_kernels"):
         run_grid("grid", tmp_path, {"a-seed0": trial_cfg(toy_dir, "train.cpu_kernels=off")})
+
+
+def test_a_grid_that_tune_stops_before_its_trials_end_says_interrupted(tmp_path, toy_dir, monkeypatch):
+    """Ctrl+C makes Tune's fit() return with trials neither finished nor failed: the outcome says
+    interrupted (a finished grid does not), and the trials finished before stay as they were."""
+    import fvae_dist.tune.grid as grid
+
+    class Stopped:  # what run_experiment returns when Tune was stopped before any trial ended
+        results, resumed, concurrency = [], False, 1
+
+    monkeypatch.setattr(grid, "run_experiment", lambda experiment: Stopped())
+    trials = {"a-seed0": trial_cfg(toy_dir, "train.seed=0"), "a-seed1": trial_cfg(toy_dir, "train.seed=1")}
+    finished(tmp_path / "grid", "a-seed0", trials["a-seed0"], {"score": 1})
+    outcome = run_grid("grid", tmp_path, trials)
+    assert outcome.interrupted and outcome.ran == ["a-seed1"] and outcome.pending == ["a-seed1"]
+    assert outcome.trials["a-seed0"].status == "ok"
+    finished(tmp_path / "grid", "a-seed1", trials["a-seed1"], {"score": 2})
+    assert not run_grid("grid", tmp_path, trials).interrupted
