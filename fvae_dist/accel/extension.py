@@ -9,8 +9,9 @@ the installed torch, caches the result under $TORCH_EXTENSIONS_DIR (default
 builds once per source, flags and torch; concurrent builders (several Ray workers starting at
 once) wait for one another, and a builder killed midway does not block the next (exclusive_build).
 
-Flags: -O3, -fno-trapping-math (what lets gcc vectorise the forward gates), and on x86-64 the AVX2/FMA instruction sets (not -march=native: an image built on one
-machine runs on others). A CPU that torch itself does not run with AVX2 gets no extension.
+Flags: -O3, -fno-trapping-math (what lets gcc vectorise the forward gates), and on x86-64 the
+AVX2/FMA instruction sets (not -march=native: an image built on one machine runs on others). A
+CPU that torch itself does not run with AVX2 gets no extension.
 """
 from __future__ import annotations
 
