@@ -151,7 +151,7 @@ class TrainConfig:
     cpu_kernels: str = "auto"
     """Optional CPU fast paths (fvae_dist/accel/): "auto" uses every one that applies to the
     run's device and precision, "off" none (the model and torch exactly as written), or a
-    comma-separated subset such as "gru" or "allocator". They never change the function trained,
+    comma-separated subset of "gru", "allocator" and "compile". They never change the function trained,
     only how fast a CPU computes it; GPU runs ignore them. Gains: docs/benchmarks.md."""
 
     index_share: float = 0.0

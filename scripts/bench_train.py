@@ -4,6 +4,9 @@
                                   [--sections step,allocator,epoch] [--quick] [--variants w2-fp32-auto,...]
                                   [--storage DIR]
 
+models     every model of the reproduction grid (FactorVAE, its variants, each baseline): its training
+           step on the same real days, one thread, as a multiple of FactorVAE's (what each row of
+           Table 1 costs; not in the default sections)
 step       FactorVAE's training step in one process, one thread, fp32, on real days of each data set
            (and on its largest day): ms per step (median of interleaved rounds) and the thread's CPU
            time, with the CPU fast paths off and with the GRU path on (train.cpu_kernels)
@@ -62,15 +65,18 @@ def sample_days(dataset: Path, count: int) -> list:
     return days[::step][:count] + [largest]
 
 
-def step_times(days: list, cpu_kernels: str, rounds: int) -> list[tuple[float, float]]:
-    """(wall ms, thread CPU ms) of one training step, per round (each round: every day once)."""
+def step_times(days: list, cpu_kernels: str, rounds: int, model_overrides: tuple[str, ...] = ()) -> list[tuple[float, float]]:
+    """(wall ms, thread CPU ms) of one training step, per round (each round: every day once).
+    The model is cn_all.yaml's (the grid's base) with `model_overrides` ("model.name=gru", ...)."""
     from fvae_dist import accel
+    from fvae_dist.config import load_config
     from fvae_dist.data.shards import collate_days
-    from fvae_dist.models.factorvae import FactorVAE, FactorVAEConfig
+    from fvae_dist.models.registry import build_model
 
     torch.manual_seed(0)
-    model = accel.prepare_model(FactorVAE(FactorVAEConfig(num_features=days[0].x.shape[-1], gamma=0.01)).train(),
-                                cpu_kernels)
+    cfg = load_config(REPO / "tune_configs" / "cn_all.yaml",
+                      [f"model.num_features={days[0].x.shape[-1]}", *model_overrides])
+    model = accel.prepare_model(build_model(cfg.model).train(), cpu_kernels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batches = [{k: torch.from_numpy(v) for k, v in collate_days([day]).items()} for day in days]
 
@@ -111,6 +117,39 @@ def bench_step(dataset: Path, quick: bool) -> list[dict]:
         rows.append(row)
         print(f"step {dataset.name} {label} ({row['stocks']} stocks): off {row['off_ms']:.1f} ms, gru "
               f"{row['gru_ms']:.1f} ms ({100 * row['gru_gain']:+.1f}%, CPU {100 * row['gru_cpu_gain']:+.1f}%)", flush=True)
+    return rows
+
+
+# Table 1's rows as the grid trains them (tune_configs/reproduce_paper.yaml: base cn_all.yaml, the
+# variant or model.name of each key)
+GRID_MODELS = {"factorvae": (), "prior": ("model.variant=prior",), "port": ("model.variant=port",),
+               "linear": ("model.name=linear",), "ca": ("model.name=ca",), "gru": ("model.name=gru",),
+               "alstm": ("model.name=alstm",), "gat": ("model.name=gat",), "trans": ("model.name=trans",),
+               "sfm": ("model.name=sfm",)}
+
+
+def bench_models(dataset: Path, quick: bool) -> list[dict]:
+    """Every model of the reproduction grid: its training step on the same typical days, one thread,
+    fast paths on (auto), as a multiple of FactorVAE's; what a row of Table 1 costs next to another."""
+    torch.set_num_threads(1)
+    days = sample_days(dataset, 4 if quick else 8)[:-1]
+    stocks = round(statistics.mean(len(d.instruments) for d in days))
+    # fast paths on (auto), and SFM once more without its compiled loop, to show that path's share
+    settings = {name: (overrides, "auto") for name, overrides in GRID_MODELS.items()}
+    settings["sfm, compile off"] = (GRID_MODELS["sfm"], "gru,allocator")
+    per = {name: [] for name in settings}
+    for _ in range(1 if quick else 2):  # interleaved: drift hits every model alike
+        for name, (overrides, cpu_kernels) in settings.items():
+            per[name] += step_times(days, cpu_kernels, rounds=1, model_overrides=overrides)
+    reference = statistics.median(t[1] for t in per["factorvae"])
+    rows = []
+    for name, times in per.items():
+        cpu_ms = statistics.median(t[1] for t in times)
+        rows.append({"dataset": str(dataset), "model": name, "stocks": stocks, "days": len(days),
+                     "ms": statistics.median(t[0] for t in times), "cpu_ms": cpu_ms,
+                     "cpu_vs_factorvae": cpu_ms / reference})
+        print(f"models {dataset.name} {name}: {cpu_ms:.0f} ms CPU a step ({stocks} stocks), "
+              f"{cpu_ms / reference:.2f}x FactorVAE", flush=True)
     return rows
 
 
@@ -376,6 +415,8 @@ def main() -> None:
         for dataset in map(Path, args.dataset):
             if "step" in sections:
                 results.setdefault("step", []).extend(bench_step(dataset, args.quick))
+            if "models" in sections:
+                results.setdefault("models", []).extend(bench_models(dataset, args.quick))
             if "allocator" in sections:
                 results.setdefault("allocator", []).extend(bench_allocator(dataset, args.quick))
             if "epoch" in sections:

@@ -10,6 +10,8 @@ Paths (each one's measured gain on the end-to-end training step: docs/benchmarks
                 float32 CPU time loop in one C++ extension call per layer (accel/gru_loop.cpp).
                 CUDA, bf16/fp16 autocast and anything unusual fall through to nn.GRU.
     allocator   glibc keeps the memory a step frees inside the worker process (accel/memory.py).
+    compile     the SFM baseline's time loop through torch.compile (accel/compiled.py): inductor
+                fuses its elementwise chain; the same parameters and function.
 
 The seam: models/ never import this package. The trainer calls `prepare_model` on the model it
 has built and `worker_env_vars` / `prepare_worker_process` for its worker processes; with "off"
@@ -24,7 +26,7 @@ from fvae_dist.errors import ConfigError
 if TYPE_CHECKING:  # torch is imported only by the paths themselves: config.py validates with this module
     from torch import nn
 
-PATHS = ("gru", "allocator")
+PATHS = ("gru", "allocator", "compile")
 SETTING = "train.cpu_kernels"
 
 
@@ -55,6 +57,10 @@ def prepare_model(model: nn.Module, setting: str, device_type: str = "cpu") -> n
         from fvae_dist.accel.gru import swap_grus
 
         swap_grus(model)
+    if device_type == "cpu" and "compile" in enabled_paths(setting):
+        from fvae_dist.accel.compiled import compile_sfm_loops
+
+        compile_sfm_loops(model)
     return model
 
 

@@ -10,8 +10,9 @@ For every model of the spec, in the order written:
      its validation and test splits into <run>/predictions/ (after_trial, on the trial's node);
   3. the tables in results_dir are rewritten (reproduce/tables.py), so results appear model by
      model on a small machine.
-Then the robustness grid (Table 2) for robustness.models, each with its choice, through the
-robustness job, and the tables once more.
+The robustness grid (Table 2) for robustness.models, each with its choice, runs through the
+robustness job as soon as the last of those models has its runs (so on a small machine Table 2
+comes before the Table 1 rows it does not need), and the tables are rewritten once more.
 
 Every step is a grid: a rerun skips finished runs, continues unfinished ones from their latest
 checkpoint and retries failed ones (max_failures). A model whose selection is not complete (a
@@ -143,13 +144,28 @@ def run_reproduction(spec: ReproductionSpec, *, log: Callable[[str], None] = pri
             outcome.files = write_tables(spec, outcome, log=log)
         if runs.interrupted:
             return _interrupted(outcome, started, log)
+        if outcome.robustness is None and _robustness_models_done(spec, outcome):
+            outcome.robustness = _robustness(spec, outcome, model_builder, log)
+            if tables:
+                outcome.files = write_tables(spec, outcome, log=log)
+            if outcome.robustness is not None and outcome.robustness.pending:
+                return _interrupted(outcome, started, log)
 
-    if spec.robustness.models and spec.robustness.ms:
+    if outcome.robustness is None and spec.robustness.models and spec.robustness.ms:
+        # some of its models are not finished (a failed selection or run): what is ready runs now
         outcome.robustness = _robustness(spec, outcome, model_builder, log)
         if tables:
             outcome.files = write_tables(spec, outcome, log=log)
     outcome.wall_s = time.perf_counter() - started
     return outcome
+
+
+def _robustness_models_done(spec: ReproductionSpec, outcome: ReproductionOutcome) -> bool:
+    """Whether every model of Table 2 has its choice and all its runs: Table 2 can run now."""
+    if not (spec.robustness.models and spec.robustness.ms):
+        return False
+    return all(outcome.models.get(key) is not None and outcome.models[key].choice is not None
+               and outcome.models[key].runs and not outcome.models[key].pending for key in spec.robustness.models)
 
 
 def _interrupted(outcome: ReproductionOutcome, started: float, log) -> ReproductionOutcome:

@@ -76,6 +76,37 @@ def test_an_interrupted_grid_stops_the_reproduction_there(market, monkeypatch, t
     assert list(outcome.models) == ["factorvae"] and outcome.models["factorvae"].choice is None
 
 
+def test_table2_runs_once_its_models_are_trained_before_the_other_rows(market, monkeypatch, tmp_path):
+    """On a small machine the grid runs for days: Table 2 starts as soon as the last of its models
+    has its runs, not after every Table 1 row (the slow baselines come last)."""
+    import fvae_dist.reproduce.run as reproduce_run
+    from fvae_dist.tune.grid import GridOutcome, GridTrial
+
+    calls = []
+
+    def finished_grid(name, storage_path, trials, **kwargs):
+        calls.append(name)
+        return GridOutcome(experiment_dir=tmp_path, trials={t: GridTrial(t, "ok", tmp_path / t) for t in trials},
+                           ran=list(trials), resumed=False, concurrency=1)
+
+    def robustness_job(spec, outcome, model_builder, log):
+        calls.append("robustness: " + ", ".join(sorted(outcome.models)))
+        return type("Summary", (), {"pending": 0})()
+
+    monkeypatch.setattr(reproduce_run, "run_grid", finished_grid)
+    monkeypatch.setattr(reproduce_run, "_valid_rank_ic", lambda run_dir: 0.05)
+    monkeypatch.setattr(reproduce_run, "_robustness", robustness_job)
+    spec = load_reproduction(_spec_file(market, results_dir=str(tmp_path / "results"),
+                                        models={"factorvae": {"seeds": 1}, "gru": {"seeds": 1},
+                                                "linear": {"seeds": 1}, "sfm": {"seeds": 1}},
+                                        robustness={"m": [5], "seeds": 1, "models": ["gru", "factorvae"]},
+                                        ensembles=[]), [])
+    run_reproduction(spec, log=lambda _: None, tables=False)
+    assert calls == ["paper-factorvae-select", "paper-factorvae", "paper-gru-select", "paper-gru",
+                     "robustness: factorvae, gru",
+                     "paper-linear-select", "paper-linear", "paper-sfm-select", "paper-sfm"]
+
+
 def test_a_bad_file_is_refused_before_anything_runs(market):
     with pytest.raises(ConfigError, match="models.lstm: unknown model"):
         load_reproduction(_spec_file(market, models={"lstm": {"seeds": 1}}))

@@ -27,6 +27,32 @@ from torch import Tensor, nn
 from fvae_dist.models.baselines.common import PerStockModel
 
 
+def sfm_recurrence(x_gates: Tensor, w_rec: Tensor, h_mask: Tensor | None, u_a: Tensor, b_a: Tensor) -> Tensor:
+    """The module docstring's steps t = 1..T from every step's input-gate terms x_gates (S, T, 4H+K)
+    = W x_t + b; w_rec (4H+K, H) holds the U maps, u_a (K,) and b_a (H,) the amplitude map. h_mask
+    (S, H) is the recurrent dropout mask or None. Returns h_T (S, H)."""
+    S, T, _ = x_gates.shape
+    H, K = b_a.shape[0], u_a.shape[0]
+    h = x_gates.new_zeros(S, H)
+    re = x_gates.new_zeros(S, H, K)
+    im = x_gates.new_zeros(S, H, K)
+    omega = 2.0 * math.pi * torch.arange(K, device=x_gates.device, dtype=torch.float32) / K  # (K,)
+    for t in range(T):
+        h_in = h if h_mask is None else h * h_mask
+        gates = x_gates[:, t] + h_in @ w_rec.T                         # (S, 4H+K)
+        i, f_ste, c_in, o = gates[:, : 4 * H].split(H, dim=-1)
+        f_fre = torch.sigmoid(gates[:, 4 * H:])                        # (S, K)
+        forget = torch.sigmoid(f_ste)[:, :, None] * f_fre[:, None, :]  # (S, H, K)
+        g = torch.sigmoid(i) * torch.tanh(c_in)                        # (S, H)
+        phase = omega * (t + 1)                                        # (K,)  t = 1..T
+        re = forget * re + g[:, :, None] * torch.cos(phase)
+        im = forget * im + g[:, :, None] * torch.sin(phase)
+        amplitude = re.square() + im.square()                          # (S, H, K)
+        c = torch.tanh(amplitude @ u_a + b_a)                          # (S, H)
+        h = torch.sigmoid(o) * c                                       # (S, H)
+    return h
+
+
 class SFMBaseline(PerStockModel):
     label = "SFM"
 
@@ -43,37 +69,22 @@ class SFMBaseline(PerStockModel):
         self.out = nn.Linear(H, 1)
         nn.init.orthogonal_(self.recurrent_gates.weight)
 
+    # the time loop, a plain function of tensors: accel's "compile" path (train.cpu_kernels) swaps
+    # in torch.compile(sfm_recurrence) per model; the parameters and the function stay the same
+    recurrence = staticmethod(sfm_recurrence)
+
     def score_real(self, x_real: Tensor) -> Tensor:
-        S, T, _ = x_real.shape
-        H, K = self.hidden_size, self.freq_dim
+        S = x_real.shape[0]
         with torch.autocast(device_type=x_real.device.type, enabled=False):
             x = x_real.float()
-            h = x.new_zeros(S, H)
-            re = x.new_zeros(S, H, K)
-            im = x.new_zeros(S, H, K)
             if self.training and self.dropout > 0:
                 x = x * _variational_mask(x[:, :1, :], self.dropout)    # same mask at every step
-                h_mask = _variational_mask(h, self.dropout)
+                h_mask = _variational_mask(x.new_empty(S, self.hidden_size), self.dropout)
             else:
                 h_mask = None
-            w_in = self.input_gates.weight.float()
-            b_in = self.input_gates.bias.float()
-            w_rec = self.recurrent_gates.weight.float()
-            x_gates = x @ w_in.T + b_in                                # (S, T, 4H+K) all steps at once
-            omega = 2.0 * math.pi * torch.arange(K, device=x.device, dtype=torch.float32) / K  # (K,)
-            for t in range(T):
-                h_in = h if h_mask is None else h * h_mask
-                gates = x_gates[:, t] + h_in @ w_rec.T                 # (S, 4H+K)
-                i, f_ste, c_in, o = gates[:, : 4 * H].split(H, dim=-1)
-                f_fre = torch.sigmoid(gates[:, 4 * H:])                # (S, K)
-                forget = torch.sigmoid(f_ste)[:, :, None] * f_fre[:, None, :]      # (S, H, K)
-                g = torch.sigmoid(i) * torch.tanh(c_in)                # (S, H)
-                phase = omega * (t + 1)                                # (K,)  t = 1..T
-                re = forget * re + g[:, :, None] * torch.cos(phase)
-                im = forget * im + g[:, :, None] * torch.sin(phase)
-                amplitude = re.square() + im.square()                  # (S, H, K)
-                c = torch.tanh((amplitude @ self.amplitude.weight.float()[0]) + self.amplitude_bias.float())  # (S, H)
-                h = torch.sigmoid(o) * c                               # (S, H)
+            x_gates = x @ self.input_gates.weight.float().T + self.input_gates.bias.float()  # (S, T, 4H+K) all steps
+            h = self.recurrence(x_gates, self.recurrent_gates.weight.float(), h_mask,
+                                self.amplitude.weight.float()[0], self.amplitude_bias.float())
             return F.linear(h, self.out.weight.float(), self.out.bias.float()).squeeze(-1)  # (S,)
 
 
