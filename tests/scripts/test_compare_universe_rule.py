@@ -1,22 +1,19 @@
 """scripts/compare_universe_rule.py: the row sets it scores each model on."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_universe_rule.py"
+from tests.scripts.conftest import SCRIPTS, load_script
+
+SCRIPT = SCRIPTS / "compare_universe_rule.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("compare_universe_rule", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_universe_rule")
 
 
 def _predictions(rng, days=6, stocks=30):

@@ -1,7 +1,6 @@
 """scripts/sigma_validation.py: the figures that say whether sigma ranks risk (RQ3's evidence)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,15 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sigma_validation.py"
+from tests.scripts.conftest import SCRIPTS, load_script
+
+SCRIPT = SCRIPTS / "sigma_validation.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("sigma_validation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sigma_validation")
 
 
 def _market(seed: int, days: int = 8, stocks: int = 120) -> pd.DataFrame:
