@@ -82,7 +82,11 @@ def _train_on_two_nodes(tmp_path, dataset, storage, run_dir):
         second = subprocess.run(command, capture_output=True, text=True, env=cluster.driver_env(), timeout=600)
         print(f"the rerun finished in {time.monotonic() - resumed:.0f} s")
         assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-        assert f"resuming from checkpoint_epoch{done_before - 1:04d}" in second.stdout + second.stderr
+        # the newest checkpoint: the one metrics.json counts, or one newer, as metrics.json is written
+        # just after an epoch's checkpoint and a node lost in between leaves the checkpoint uncounted
+        resumed_from = re.findall(r"resuming from checkpoint_epoch(\d{4})", second.stdout + second.stderr)
+        assert resumed_from, second.stdout[-4000:]
+        assert done_before - 1 <= int(resumed_from[0]) <= done_before, (resumed_from, done_before)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs_completed"] == EPOCHS
