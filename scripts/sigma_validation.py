@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from fvae_dist.config import write_text_atomic  # noqa: E402
 from fvae_dist.data.bars import read_membership  # noqa: E402
+from fvae_dist.evaluate.metrics import daily_ic  # noqa: E402
 from fvae_dist.evaluate.universe import restrict_to_members  # noqa: E402
 
 ETAS = (0.0, 0.05, 0.2, 1.0)
@@ -34,10 +35,8 @@ TOP = 50
 
 
 def daily_spearman(frame: pd.DataFrame, a: str, b: str) -> float:
-    ranks = frame[["date", a, b]].copy()
-    ranks[a] = ranks.groupby("date")[a].rank()
-    ranks[b] = ranks.groupby("date")[b].rank()
-    return float(ranks.groupby("date")[[a, b]].corr().xs(a, level=1)[b].mean())
+    """Spearman correlation of a and b within each day, averaged over the days (metrics.daily_ic's Rank IC)."""
+    return float(daily_ic(frame, score=a, label=b)["rank_ic"].mean())
 
 
 def sigma_figures(predictions: pd.DataFrame) -> dict:

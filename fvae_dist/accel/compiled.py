@@ -28,12 +28,12 @@ from torch import nn
 
 def compile_sfm_loops(model: nn.Module) -> int:
     """Give every SFM inside `model` the compiled time loop, in place; returns how many."""
-    from fvae_dist.models.baselines.sfm import SFMBaseline
+    from fvae_dist.models.baselines.sfm import SFMBaseline, sfm_recurrence
 
     compiled = 0
     for module in model.modules():
         if isinstance(module, SFMBaseline):
-            module.recurrence = _CompiledOrEager(_compiled_sfm_recurrence())
+            module.recurrence = _CompiledOrEager(_compiled_sfm_recurrence(), sfm_recurrence)
             compiled += 1
     return compiled
 
@@ -50,18 +50,16 @@ class _CompiledOrEager:
     """Calls the compiled loop; if compiling fails, warns once and calls the eager one from then on.
     An error the eager loop raises too (bad input) is raised as the eager loop raises it."""
 
-    def __init__(self, compiled):
-        self.compiled = compiled
+    def __init__(self, compiled, eager):
+        self.compiled, self.eager = compiled, eager
 
     def __call__(self, *args):
-        from fvae_dist.models.baselines.sfm import sfm_recurrence
-
         if self.compiled is None:
-            return sfm_recurrence(*args)
+            return self.eager(*args)
         try:
             return self.compiled(*args)
         except Exception as exc:  # noqa: BLE001 (inductor raises many kinds; eager decides below)
-            result = sfm_recurrence(*args)
+            result = self.eager(*args)
             warnings.warn(f"train.cpu_kernels: compiling SFM's loop failed ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); running it eagerly", RuntimeWarning,
                           stacklevel=2)

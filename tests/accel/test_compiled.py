@@ -65,7 +65,7 @@ def test_a_failed_compilation_warns_once_and_runs_the_eager_loop(monkeypatch):
         raise RuntimeError("no C++ compiler\nmore detail")
 
     model = _sfm()
-    model.recurrence = compiled._CompiledOrEager(broken)
+    model.recurrence = compiled._CompiledOrEager(broken, model.recurrence)
     reference = _sfm()
     with pytest.warns(RuntimeWarning, match="compiling SFM's loop failed .RuntimeError: no C\\+\\+ compiler.; running it eagerly"):
         loss, _ = _step(model, 20)

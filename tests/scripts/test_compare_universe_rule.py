@@ -1,7 +1,6 @@
 """scripts/compare_universe_rule.py: the row sets it scores each model on."""
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
